@@ -1,0 +1,344 @@
+"""
+GPT-2, exactly as OpenAI built it, in one file.
+
+References:
+1) OpenAI's GPT-2 TensorFlow code: https://github.com/openai/gpt-2/blob/master/src/model.py
+2) Hugging Face transformers' PyTorch port: transformers/models/gpt2/modeling_gpt2.py
+Parameter names follow transformers (transformer.h.0.attn.c_attn.weight, ...) so weights move both ways.
+"""
+
+import inspect
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
+# Hugging Face's Conv1D stores weights as (in, out); nn.Linear wants (out, in).
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Dense bf16 tensor-core peak (no sparsity), for MFU.
+PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12}
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # max sequence length
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64: faster matmuls
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+
+MODEL_SIZES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M params
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M params
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M params
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M params
+}
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far: each new token then costs one position of compute."""
+
+    def __init__(self, config):
+        self.config = config
+        self.k = self.v = None  # (n_layer, B, nh, block_size, hs), allocated on first use with the activations' dtype
+        self.pos = 0  # number of positions already cached
+
+    def update(self, layer, k, v):
+        """Store this step's keys/values of one layer; return all of that layer's keys/values so far."""
+        B, nh, T, hs = k.shape
+        if self.k is None:
+            shape = (self.config.n_layer, B, nh, self.config.block_size, hs)
+            self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.empty(shape, dtype=v.dtype, device=v.device)
+        self.k[layer, :, :, self.pos : self.pos + T] = k
+        self.v[layer, :, :, self.pos : self.pos + T] = v
+        return self.k[layer, :, :, : self.pos + T], self.v[layer, :, :, : self.pos + T]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # query, key, value for all heads in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE_INIT = True
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+
+    def forward(self, x, kv_cache=None, layer=0):
+        B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is None or kv_cache.pos == 0:
+            if kv_cache is not None:
+                kv_cache.update(layer, k, v)
+            # flash attention on CUDA: the (T, T) attention matrix is never materialised
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            pos = kv_cache.pos
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, pos + T, hs)
+            # query i sits at position pos + i and may see keys 0 .. pos + i
+            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_SCALE_INIT = True
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None, layer=0):
+        # pre-LayerNorm: the residual stream itself is never normalised, so gradients flow straight through
+        x = x + self.attn(self.ln_1(x), kv_cache, layer)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "RESIDUAL_SCALE_INIT", False):
+                # each block adds to the residual stream twice: keep its variance from growing with depth
+                std *= (2 * self.config.n_layer) ** -0.5
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=True):
+        """Parameter count; the position embeddings are left out by default (the token embeddings count, as the head)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        B, T = idx.size()
+        start = kv_cache.pos if kv_cache is not None else 0
+        assert start + T <= self.config.block_size, f"sequence of {start + T} tokens > block_size {self.config.block_size}"
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, n_embd)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # weights in and out of Hugging Face's format
+
+    @classmethod
+    def from_pretrained(cls, name_or_path):
+        """Load GPT-2 weights: a Hugging Face hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a local directory
+        written by transformers' save_pretrained (config.json + model.safetensors or pytorch_model.bin)."""
+        if os.path.isdir(name_or_path):
+            directory = name_or_path
+        elif name_or_path in MODEL_SIZES:
+            directory = _download_from_hub(name_or_path)
+        else:
+            raise ValueError(f"unknown model {name_or_path!r}: not a directory, nor one of {', '.join(MODEL_SIZES)}")
+        with open(os.path.join(directory, "config.json")) as f:
+            hf = json.load(f)
+        config = GPTConfig(
+            block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+        )
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"{directory}: activation {hf['activation_function']!r} is not GPT-2's tanh GELU")
+        if os.path.exists(os.path.join(directory, "model.safetensors")):
+            from safetensors.torch import load_file
+
+            sd_hf = load_file(os.path.join(directory, "model.safetensors"))
+        elif os.path.exists(os.path.join(directory, "pytorch_model.bin")):
+            sd_hf = torch.load(os.path.join(directory, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        else:
+            raise FileNotFoundError(f"{directory}: neither model.safetensors nor pytorch_model.bin found")
+
+        model = cls(config)
+        sd = model.state_dict()
+        loaded = set()
+        for key, tensor in sd_hf.items():
+            if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+                continue  # causal-mask buffers of old transformers versions; the head is tied to wte
+            name = key if key.startswith("transformer.") else "transformer." + key  # the hub's gpt2 files lack it
+            if name not in sd:
+                raise ValueError(f"{directory}: unexpected weight {key!r}")
+            if name.endswith(CONV1D_WEIGHTS):
+                tensor = tensor.t()
+            if tensor.shape != sd[name].shape:
+                raise ValueError(f"{directory}: weight {key!r} has shape {tuple(tensor.shape)}, expected {tuple(sd[name].shape)}")
+            with torch.no_grad():
+                sd[name].copy_(tensor)
+            loaded.add(name)
+        missing = set(sd) - loaded - {"lm_head.weight"}
+        if missing:
+            raise ValueError(f"{directory}: missing weights {sorted(missing)[:3]}")
+        return model
+
+    def export_hf(self, out_dir):
+        """Write a directory that transformers' GPT2LMHeadModel.from_pretrained (and so lm-eval-harness) can load:
+        config.json, model.safetensors, and GPT-2's tokenizer files. The rows of the padded vocabulary are dropped."""
+        from safetensors.torch import save_file
+
+        c = self.config
+        vocab_size = min(c.vocab_size, GPT2_VOCAB_SIZE)
+        os.makedirs(out_dir, exist_ok=True)
+        hf_config = {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab_size,
+            "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
+            "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "initializer_range": 0.02,
+            "tie_word_embeddings": True,
+        }
+        if vocab_size == GPT2_VOCAB_SIZE:
+            hf_config.update(bos_token_id=GPT2_VOCAB_SIZE - 1, eos_token_id=GPT2_VOCAB_SIZE - 1)  # <|endoftext|>
+        weights = {}
+        for name, tensor in self.state_dict().items():
+            if name == "lm_head.weight":
+                continue  # tied to wte: transformers re-ties it on load
+            if name == "transformer.wte.weight":
+                tensor = tensor[:vocab_size]
+            if name.endswith(CONV1D_WEIGHTS):
+                tensor = tensor.t()
+            weights[name] = tensor.detach().to("cpu", torch.float32).contiguous()
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        from utils import save_hf_tokenizer  # local import: utils imports this module
+
+        save_hf_tokenizer(out_dir)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # training helpers
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, eps=1e-8):
+        # decay the matrices (matmul weights, embeddings); never the biases and LayerNorm gains
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay_params = [p for p in params if p.dim() >= 2]
+        nodecay_params = [p for p in params if p.dim() < 2]
+        optim_groups = [
+            {"params": decay_params, "weight_decay": weight_decay},
+            {"params": nodecay_params, "weight_decay": 0.0},
+        ]
+        # the fused kernel updates all parameters in one launch instead of a loop of small ones
+        use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        extra = dict(fused=True) if use_fused else dict()
+        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, eps=eps, **extra)
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6N for the matmuls (forward + backward) plus the attention scores,
+        as in the PaLM paper (appendix B)."""
+        L, H, Q = self.config.n_layer, self.config.n_head, self.config.n_embd // self.config.n_head
+        return 6 * self.num_params() + 12 * L * H * Q * seq_len
+
+    def estimate_mfu(self, tokens_per_sec, seq_len, peak_flops):
+        """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the hardware's peak."""
+        return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # sampling
+
+    @torch.inference_mode()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, use_cache=True):
+        """Yield max_new_tokens new tokens, one (B, 1) tensor at a time, continuing the prompts idx (B, T).
+        With the cache the prompt is read once, then each step processes one token. When the context is full the
+        window slides, every position moves, and the cached keys are stale: each step then re-reads the window."""
+        kv_cache = KVCache(self.config) if use_cache else None
+        context = idx
+        new = None
+        for _ in range(max_new_tokens):
+            if kv_cache is not None and new is not None and kv_cache.pos < self.config.block_size:
+                logits, _ = self(new, kv_cache=kv_cache)  # (B, 1, vocab_size)
+            else:
+                if kv_cache is not None:
+                    kv_cache.pos = 0
+                logits, _ = self(context[:, -self.config.block_size :], kv_cache=kv_cache)
+            new = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            context = torch.cat((context, new), dim=1)
+            yield new
+
+    def generate(self, idx, max_new_tokens, **kwargs):
+        """The prompts idx (B, T) followed by max_new_tokens sampled tokens: (B, T + max_new_tokens)."""
+        return torch.cat([idx, *self.generate_stream(idx, max_new_tokens, **kwargs)], dim=1)
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row from logits (B, vocab_size). temperature 0 means greedy."""
+    logits = logits.float()
+    logits[:, GPT2_VOCAB_SIZE:] = float("-inf")  # the padding rows of the vocabulary are not tokens
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits[logits < kth_largest] = float("-inf")
+    if top_p is not None and top_p < 1.0:
+        # keep the smallest set of most likely tokens whose probabilities add up to top_p
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True)
+        sorted_probs = F.softmax(sorted_logits, dim=-1)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the more likely tokens
+        sorted_logits[before >= top_p] = float("-inf")  # the most likely token always stays (before = 0)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def _download_from_hub(name):
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(repo_id=name, filename="config.json")
+        hf_hub_download(repo_id=name, filename="model.safetensors")
+    except Exception as e:  # the hub client raises many kinds of network errors
+        raise RuntimeError(
+            f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}); "
+            "with no network, pass a local directory written by transformers' save_pretrained"
+        ) from None
+    return os.path.dirname(path)

@@ -1,0 +1,61 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the scripts are flat files at the top of the repo
+
+from utils import EOT  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def write_shard(path, tokens, dtype=np.uint16):
+    np.save(path, np.asarray(tokens, dtype=dtype))
+
+
+def make_docs(n_docs, seed=0, min_len=5, max_len=60, vocab=5000):
+    """Documents of random token ids, each laid out as in the shards: EOT then its tokens."""
+    rng = np.random.default_rng(seed)
+    return [np.concatenate([[EOT], rng.integers(0, vocab, rng.integers(min_len, max_len))]).astype(np.uint16) for _ in range(n_docs)]
+
+
+@pytest.fixture
+def shard_dir(tmp_path):
+    """Writes a token stream into <prefix>_<split>_NNNNNN.npy shards of the given sizes; returns the stream."""
+
+    def make(split, sizes, seed=0, prefix="test"):
+        stream = np.concatenate(make_docs(sum(sizes) // 20 + 10, seed=seed))[: sum(sizes)]
+        assert len(stream) == sum(sizes)
+        start = 0
+        first = 0 if split == "val" else 1
+        for i, size in enumerate(sizes):
+            write_shard(tmp_path / f"{prefix}_{split}_{first + i:06d}.npy", stream[start : start + size])
+            start += size
+        return stream.astype(np.int64)
+
+    make.dir = tmp_path
+    return make
+
+
+@pytest.fixture
+def hf_gpt2_dir(tmp_path):
+    """save_pretrained directory of a random transformers GPT2LMHeadModel."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def make(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=300, seed=0):
+        torch.manual_seed(seed)
+        config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions, vocab_size=vocab_size)
+        model = GPT2LMHeadModel(config).eval()
+        with torch.no_grad():  # random biases and LayerNorm gains, so that a mis-loaded one shows in the logits
+            for name, p in model.named_parameters():
+                if p.dim() == 1:
+                    p.normal_(0.0, 0.1) if name.endswith("bias") else p.normal_(1.0, 0.1)
+        d = tmp_path / f"hf_{n_layer}_{n_embd}_{seed}"
+        model.save_pretrained(d)
+        return model, d
+
+    return make

