@@ -1,0 +1,344 @@
+"""
+Download FineWeb-Edu (sample-10BT) and tokenize it into GPT-2 token shards for pretraining.
+https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu
+
+    python download-fineweb-edu.py                          # the reference run's 5B train tokens (+ 100M val)
+    python download-fineweb-edu.py --data-files corpus.jsonl --out-dir data --shard-size 1e6   # any local corpus
+    python download-fineweb-edu.py --verify                 # check every shard against the manifest
+
+The documents are streamed, so only what is needed is fetched. Each document becomes <|endoftext|> followed by its
+tokens; the token stream is cut into uint16 shards of --shard-size tokens: first the val shard <prefix>_val_000000.npy
+(whole documents only), then train shards <prefix>_train_000001.npy, ... until --max-tokens train tokens.
+Shards are written atomically and recorded in manifest.json; a killed run started again with the same arguments
+continues after the last finished shard and ends with byte-identical files.
+"""
+
+import argparse
+import collections
+import errno
+import glob
+import json
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from utils import EOT, UserError, config_parser, get_tokenizer, run_cli, sha256_file
+
+MANIFEST = "manifest.json"
+EOT_ARRAY = np.array([EOT], dtype=np.uint32)
+
+
+@dataclass
+class Config:
+    out_dir: str = "edu_fineweb10B"  # where the shards and manifest.json go
+    prefix: str = "edufineweb"  # shard names: <prefix>_<split>_<NNNNNN>.npy
+    dataset: str = "HuggingFaceFW/fineweb-edu"  # Hugging Face dataset, read in streaming mode
+    name: str = "sample-10BT"  # the dataset's config
+    split: str = "train"  # the dataset's split
+    data_files: list = field(default_factory=list)  # local jsonl/json/parquet/txt files or globs, instead of the hub
+    text_field: str = "text"  # the field that holds each document's text
+    max_tokens: int = 5_000_000_000  # train tokens to write, after the val shard
+    shard_size: int = 100_000_000  # tokens per shard
+    workers: int = os.cpu_count() or 1  # tokenizer processes
+    verify: bool = False  # only check every shard against the manifest
+
+
+def parse_args(argv=None):
+    parser = config_parser(Config, __doc__)
+    args = Config(**vars(parser.parse_args(argv)))
+    if args.shard_size < 1 or args.max_tokens < 1:
+        parser.error("--shard-size and --max-tokens must be positive")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading documents
+
+def resolve_data_files(patterns):
+    files = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches or not all(os.path.isfile(m) for m in matches):
+            raise UserError(f"cannot read --data-files {pattern}: no such file")
+        files += [os.path.abspath(m) for m in matches]
+    return files
+
+
+def file_format(files):
+    formats = set()
+    for f in files:
+        name = f[:-3] if f.endswith(".gz") else f
+        ext = os.path.splitext(name)[1]
+        formats.add({".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}.get(ext, ext))
+    if len(formats) != 1 or not formats <= {"json", "parquet", "text"}:
+        raise UserError(f"--data-files must all be .jsonl/.json, .parquet or .txt (one kind), got {sorted(formats)}")
+    return formats.pop()
+
+
+def open_dataset(args, files):
+    """A streaming datasets.IterableDataset: the same code path for the hub and for local files."""
+    import datasets
+
+    if files:
+        if all(os.path.getsize(f) == 0 for f in files):
+            raise UserError(f"empty corpus: {', '.join(files)} holds no documents")
+        fmt = file_format(files)
+        extra = dict(sample_by="document") if fmt == "text" else dict()  # a .txt file is one document
+        try:
+            return datasets.load_dataset(fmt, data_files=files, split="train", streaming=True, **extra)
+        except Exception as e:  # it reads the first rows to learn the columns
+            raise UserError(f"cannot read {', '.join(files)}: {first_line(e)}") from None
+    try:
+        return datasets.load_dataset(args.dataset, name=args.name, split=args.split, streaming=True)
+    except Exception as e:  # offline: ConnectionError; the hub client raises several other kinds too
+        raise UserError(
+            f"cannot open {args.dataset} ({args.name}) on the Hugging Face hub: {first_line(e)}; "
+            "with no network, tokenize local files with --data-files"
+        ) from None
+
+
+def first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def document_batches(dataset, text_field, source, skip, batch_size=1024):
+    """Lists of document texts, in order, leaving out the first `skip` documents."""
+    batches = iter(dataset.iter(batch_size=batch_size))
+    seen = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:  # datasets wraps bad JSON, bad parquet and I/O errors in many exception types
+            raise UserError(f"cannot read {source}: {first_line(e)}") from None
+        if text_field not in batch:
+            raise UserError(f"{source} has no field {text_field!r} (fields: {', '.join(batch)}); set --text-field")
+        texts = batch[text_field]
+        start = min(max(skip - seen, 0), len(texts))
+        seen += len(texts)
+        if start < len(texts):
+            yield [t or "" for t in texts[start:]]
+
+
+def tokenize_batch(texts):
+    """Worker: the texts as one uint16 array, each document as EOT + its tokens, plus each document's length."""
+    enc = get_tokenizer()
+    # encode_to_numpy skips building a Python list per document; disallowed_special=() reads "<|endoftext|>"
+    # inside a text as plain text, exactly like encode_ordinary
+    encoded = [enc.encode_to_numpy(text, disallowed_special=()) for text in texts]
+    tokens = np.concatenate([part for doc in encoded for part in (EOT_ARRAY, doc)])
+    lengths = np.array([len(doc) + 1 for doc in encoded], dtype=np.int64)
+    return tokens.astype(np.uint16), lengths  # GPT-2's 50,257 ids fit in uint16
+
+
+def tokenized_documents(batches, workers):
+    """Token arrays of the documents, in input order, tokenized in parallel. At most 2 batches per worker are in
+    flight, so memory stays bounded however fast the input arrives; the order makes the output deterministic."""
+    get_tokenizer()  # built once here; the forked workers inherit it
+    with mp.get_context("fork").Pool(workers) as pool:
+        pending = collections.deque()
+        for texts in batches:
+            pending.append(pool.apply_async(tokenize_batch, (texts,)))
+            while len(pending) >= 2 * workers or (pending and pending[0].ready()):
+                yield from split_documents(*pending.popleft().get())
+        while pending:
+            yield from split_documents(*pending.popleft().get())
+
+
+def split_documents(tokens, lengths):
+    ends = np.cumsum(lengths)
+    for end, n in zip(ends.tolist(), lengths.tolist()):
+        yield tokens[end - n : end]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# writing shards
+
+def source_settings(args, files):
+    source = dict(text_field=args.text_field, shard_size=args.shard_size, max_tokens=args.max_tokens, prefix=args.prefix)
+    if files:
+        source["data_files"] = files
+    else:
+        source.update(dataset=args.dataset, name=args.name, split=args.split)
+    return source
+
+
+def write_json_atomic(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_manifest(out_dir, source):
+    """The manifest of an earlier run with the same settings, or a fresh one; refuses an out dir made otherwise."""
+    path = os.path.join(out_dir, MANIFEST)
+    if os.path.exists(path):
+        with open(path) as f:
+            manifest = json.load(f)
+        for key in sorted(set(source) | set(manifest["source"])):
+            if manifest["source"].get(key) != source.get(key):
+                raise UserError(
+                    f"{out_dir} holds shards made with {key}={manifest['source'].get(key)!r}, not {source.get(key)!r}: "
+                    "use another --out-dir, or delete this one to start over"
+                )
+        return manifest
+    if os.path.isdir(out_dir) and any(n.endswith(".npy") for n in os.listdir(out_dir)):
+        raise UserError(f"{out_dir} holds .npy files but no {MANIFEST}: use an empty --out-dir")
+    return dict(source=source, shards=[], complete=False)
+
+
+class ShardWriter:
+    """Fills shards from the document stream. Every finished shard is written to a temporary file, renamed into
+    place, then recorded in the manifest together with where the next shard starts (document, token offset)."""
+
+    def __init__(self, out_dir, manifest):
+        self.out_dir, self.manifest = out_dir, manifest
+        self.shard_size = manifest["source"]["shard_size"]
+        self.buffer = np.empty(self.shard_size, dtype=np.uint16)
+        self.fill = 0
+        self.first_document = None
+
+    @property
+    def split(self):
+        return "val" if len(self.manifest["shards"]) == 0 else "train"
+
+    def flush(self, next_document, next_offset, last_document):
+        index = len(self.manifest["shards"])
+        name = f"{self.manifest['source']['prefix']}_{self.split}_{index:06d}.npy"
+        path = os.path.join(self.out_dir, name)
+        tmp = os.path.join(self.out_dir, f".{name}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, self.buffer[: self.fill])
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            what = "disk full" if e.errno == errno.ENOSPC else first_line(e)
+            raise UserError(f"{what} while writing {path}: the partial shard was removed, the {index} finished shards and {MANIFEST} are intact") from None
+        self.manifest["shards"].append(
+            dict(file=name, split=self.split, tokens=self.fill, first_document=self.first_document,
+                 last_document=last_document, next=[next_document, next_offset], sha256=sha256_file(path))
+        )
+        write_json_atomic(os.path.join(self.out_dir, MANIFEST), self.manifest)
+        self.fill = 0
+        self.first_document = None
+
+
+def tokenize_to_shards(args, files, manifest, progress):
+    """Write shards until max_tokens train tokens or the end of the corpus; returns the documents read."""
+    writer = ShardWriter(args.out_dir, manifest)
+    doc_index, offset = manifest["shards"][-1]["next"] if manifest["shards"] else (0, 0)
+    train_written = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "train")
+    dataset = open_dataset(args, files)
+    source = ", ".join(files) if files else f"{args.dataset} ({args.name})"
+    batches = document_batches(dataset, args.text_field, source, skip=doc_index)
+    for doc in tokenized_documents(batches, args.workers):
+        pos = offset  # a resumed run skips what the previous shard already holds of this document
+        offset = 0
+        while pos < len(doc):
+            if writer.split == "val" and writer.fill > 0 and writer.fill + len(doc) > writer.shard_size:
+                writer.flush(doc_index, 0, doc_index - 1)  # the val shard holds whole documents only
+                continue
+            if writer.first_document is None:
+                writer.first_document = doc_index
+            take = min(len(doc) - pos, writer.shard_size - writer.fill)
+            if writer.split == "train":
+                take = min(take, args.max_tokens - train_written)
+                train_written += take
+            writer.buffer[writer.fill : writer.fill + take] = doc[pos : pos + take]
+            writer.fill += take
+            pos += take
+            progress.update(take)
+            if train_written == args.max_tokens:
+                writer.flush(doc_index, pos, doc_index)
+                return doc_index + 1
+            if writer.fill == writer.shard_size:
+                done = pos == len(doc)
+                writer.flush(doc_index + done, 0 if done else pos, doc_index)
+        doc_index += 1
+        if doc_index % 1000 == 0:
+            docs_per_sec = doc_index / max(progress.format_dict["elapsed"], 1e-9)
+            progress.set_postfix(docs=f"{doc_index:,}", docs_per_s=f"{docs_per_sec:,.0f}", refresh=False)
+    if writer.fill > 0:
+        writer.flush(doc_index, 0, doc_index - 1)
+    if not manifest["shards"]:
+        raise UserError(f"empty corpus: {source} holds no documents")
+    return doc_index
+
+
+def verify(out_dir):
+    """Check every shard against the manifest; returns the number of shards, or raises naming the first bad file."""
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.exists(path):
+        raise UserError(f"no {MANIFEST} in {out_dir}: nothing to verify")
+    with open(path) as f:
+        manifest = json.load(f)
+    for shard in manifest["shards"]:
+        file = os.path.join(out_dir, shard["file"])
+        if not os.path.exists(file):
+            raise UserError(f"verify failed: {file} is missing")
+        try:
+            tokens = np.load(file, mmap_mode="r")
+        except Exception as e:
+            raise UserError(f"verify failed: {file} is not a readable .npy file ({first_line(e)})") from None
+        if tokens.dtype != np.uint16 or tokens.ndim != 1:
+            raise UserError(f"verify failed: {file} holds {tokens.dtype} {tokens.shape}, expected uint16 (N,)")
+        if len(tokens) != shard["tokens"]:
+            raise UserError(f"verify failed: {file} holds {len(tokens):,} tokens, the manifest says {shard['tokens']:,}")
+        if sha256_file(file) != shard["sha256"]:
+            raise UserError(f"verify failed: {file} does not match its sha256 in the manifest")
+    return manifest
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.verify:
+        manifest = verify(args.out_dir)
+        tokens = sum(s["tokens"] for s in manifest["shards"])
+        state = "complete" if manifest["complete"] else "incomplete: run again to continue"
+        print(f"ok: {len(manifest['shards'])} shards, {tokens:,} tokens match {MANIFEST} ({state})")
+        return
+    files = resolve_data_files(args.data_files) if args.data_files else []
+    source = source_settings(args, files)
+    manifest = load_manifest(args.out_dir, source)
+    if manifest["complete"]:
+        print(f"{args.out_dir} is complete ({len(manifest['shards'])} shards); --verify checks it")
+        return
+    os.makedirs(args.out_dir, exist_ok=True)
+    for name in os.listdir(args.out_dir):
+        if name.endswith(".tmp"):  # a shard or manifest left half-written by a killed run
+            os.remove(os.path.join(args.out_dir, name))
+
+    t0 = time.time()
+    done = sum(s["tokens"] for s in manifest["shards"])
+    with tqdm(initial=done, unit="tok", unit_scale=True, smoothing=0.1, desc="tokenizing") as progress:
+        documents = tokenize_to_shards(args, files, manifest, progress)
+    manifest["complete"] = True
+    manifest["documents"] = documents
+    manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
+    write_json_atomic(os.path.join(args.out_dir, MANIFEST), manifest)
+    seconds = time.time() - t0
+    n_train = sum(s["split"] == "train" for s in manifest["shards"])
+    print(
+        f"done: {documents:,} documents, {manifest['tokens']:,} tokens in {len(manifest['shards'])} shards "
+        f"(1 val, {n_train} train) under {args.out_dir}, {seconds:.1f} s, {(manifest['tokens'] - done) / seconds:,.0f} tokens/s"
+    )
+    if n_train == 0:
+        print("warning: the corpus ended inside the val shard, so there are no train shards: use a smaller --shard-size")
+
+
+if __name__ == "__main__":
+    run_cli(main)
