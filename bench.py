@@ -2,6 +2,7 @@
 Benchmarks that compare variants side by side in one run and print the ratios.
 
     python bench.py tokenize            # download-fineweb-edu.py vs the common nanoGPT-style tokenizing loop
+    python bench.py hellaswag           # hellaswag.py vs a plain one-example-per-forward scorer, small model on CPU
 """
 
 import argparse
@@ -16,6 +17,8 @@ import tempfile
 import time
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from utils import EOT, get_tokenizer, python_docs_corpus, run_cli
 
@@ -29,6 +32,92 @@ def load_script(name):
     sys.modules[spec.name] = module  # worker processes find its functions by module name
     spec.loader.exec_module(module)
     return module
+
+
+def synthetic_hellaswag(n, seed=0):
+    """HellaSwag-format examples of random words, with the WikiHow markup ([title], [step], double spaces) that the
+    harness convention cleans up. Like the real set, half are short ActivityNet-style contexts and endings, half long
+    WikiHow-style ones."""
+    rng = random.Random(seed)
+    words = "the a person man woman dog ball water is are runs jumps holds takes into onto with then and slowly".split()
+
+    def text(lo, hi):
+        return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
+
+    examples = []
+    for i in range(n):
+        wikihow = i % 2 == 1
+        ctx_a = text(30, 90) + " [title] How to " + text(2, 4) + "." if wikihow else text(6, 20)
+        ctx_b = text(0, 8) + rng.choice(["", "  " + text(1, 3), " [step] " + text(2, 4)])
+        lo, hi = (15, 45) if wikihow else (6, 20)
+        endings = [text(lo, hi) + rng.choice([".", " [substeps] " + text(2, 5) + ".", "  " + text(1, 4)]) for _ in range(4)]
+        examples.append(dict(ind=i, activity_label=text(1, 3).capitalize(), ctx_a=ctx_a, ctx_b=ctx_b,
+                             ctx=(ctx_a + " " + ctx_b).strip(), endings=endings, label=rng.randrange(4), split="val"))
+    return examples
+
+
+@torch.no_grad()
+def baseline_hellaswag(model, path, device):
+    """The plain scorer (build-nanogpt's hellaswag.py): one example, 4 rows, full logits per forward pass;
+    completion convention only. Returns acc_norm."""
+    enc = get_tokenizer()
+    correct = total = 0
+    with open(path) as f:
+        examples = [json.loads(line) for line in f]
+    for example in examples:
+        ctx_tokens = enc.encode(example["ctx"])
+        tok_rows, mask_rows = [], []
+        for end in example["endings"]:
+            end_tokens = enc.encode(" " + end)
+            tok_rows.append(ctx_tokens + end_tokens)
+            mask_rows.append([0] * len(ctx_tokens) + [1] * len(end_tokens))
+        max_len = max(len(row) for row in tok_rows)
+        tokens = torch.zeros((4, max_len), dtype=torch.long)
+        mask = torch.zeros((4, max_len), dtype=torch.long)
+        for i, (tok_row, mask_row) in enumerate(zip(tok_rows, mask_rows)):
+            tokens[i, : len(tok_row)] = torch.tensor(tok_row)
+            mask[i, : len(mask_row)] = torch.tensor(mask_row)
+        tokens, mask = tokens.to(device), mask.to(device)
+        logits, _ = model(tokens)
+        shift_logits = logits[..., :-1, :].contiguous()
+        shift_tokens = tokens[..., 1:].contiguous()
+        losses = F.cross_entropy(shift_logits.view(-1, shift_logits.size(-1)), shift_tokens.view(-1), reduction="none")
+        losses = losses.view(tokens.size(0), -1)
+        shift_mask = mask[..., 1:].contiguous()
+        avg_loss = (losses * shift_mask).sum(dim=1) / shift_mask.sum(dim=1)
+        correct += int(avg_loss.argmin().item() == example["label"])
+        total += 1
+    return correct / total
+
+
+def bench_hellaswag(args):
+    import hellaswag
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=256, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    model = GPT(config).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "hellaswag.jsonl")
+        with open(path, "w") as f:
+            for example in synthetic_hellaswag(args.examples):
+                f.write(json.dumps(example) + "\n")
+        get_tokenizer()  # built once, outside the timings
+        times = {"plain scorer": [], "hellaswag.py": []}
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            plain_acc_norm = baseline_hellaswag(model, path, "cpu")
+            times["plain scorer"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            results = hellaswag.evaluate(model, hellaswag.load_examples(path), "cpu", args.batch_size)
+            times["hellaswag.py"].append(time.perf_counter() - t0)
+    assert results["acc_norm"] == plain_acc_norm, (results["acc_norm"], plain_acc_norm)
+    best = {name: min(t) for name, t in times.items()}
+    print(f"model: {config}, {model.num_params() / 1e6:.1f}M params; {args.examples} examples on {torch.get_num_threads()} CPU threads")
+    print(f"{'':>14} {'seconds':>8} {'examples/s':>11}  conventions")
+    print(f"{'plain scorer':>14} {best['plain scorer']:8.2f} {args.examples / best['plain scorer']:11.1f}  completion")
+    print(f"{'hellaswag.py':>14} {best['hellaswag.py']:8.2f} {args.examples / best['hellaswag.py']:11.1f}  completion + harness")
+    print(f"hellaswag speedup: {best['plain scorer'] / best['hellaswag.py']:.2f}x over the plain scorer, same acc_norm ({plain_acc_norm:.4f})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -115,8 +204,15 @@ def main():
     t.add_argument("--tokens", type=lambda s: int(float(s)), default=10_000_000, help="corpus size in tokens (at least)")
     t.add_argument("--shard-size", type=lambda s: int(float(s)), default=2_000_000)
     t.add_argument("--repeats", type=int, default=2)
+    h = sub.add_parser("hellaswag", help="hellaswag.py (both conventions) against a plain one-example-per-forward scorer")
+    h.add_argument("--examples", type=int, default=300)
+    h.add_argument("--n-layer", type=int, default=4)
+    h.add_argument("--n-head", type=int, default=4)
+    h.add_argument("--n-embd", type=int, default=128)
+    h.add_argument("--batch-size", type=int, default=32)
+    h.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
-    {"tokenize": bench_tokenize}[args.bench](args)
+    {"tokenize": bench_tokenize, "hellaswag": bench_hellaswag}[args.bench](args)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from utils import EOT, UserError, config_parser, get_tokenizer, run_cli, sha256_file
+from utils import EOT, UserError, config_parser, first_line, get_tokenizer, run_cli, sha256_file
 
 MANIFEST = "manifest.json"
 EOT_ARRAY = np.array([EOT], dtype=np.uint32)
@@ -101,10 +101,6 @@ def open_dataset(args, files):
             f"cannot open {args.dataset} ({args.name}) on the Hugging Face hub: {first_line(e)}; "
             "with no network, tokenize local files with --data-files"
         ) from None
-
-
-def first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def document_batches(dataset, text_field, source, skip, batch_size=1024):

@@ -154,7 +154,8 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def hidden_states(self, idx, kv_cache=None):
+        """Everything but the head: the final LayerNorm's output (B, T, n_embd) for the tokens idx (B, T)."""
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
         assert start + T <= self.config.block_size, f"sequence of {start + T} tokens > block_size {self.config.block_size}"
@@ -164,8 +165,10 @@ class GPT(nn.Module):
             x = block(x, kv_cache, layer)
         if kv_cache is not None:
             kv_cache.pos += T
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, vocab_size)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        logits = self.lm_head(self.hidden_states(idx, kv_cache))  # (B, T, vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)

@@ -24,6 +24,11 @@ class UserError(Exception):
     """A problem the user can fix (bad flag, missing or corrupt file): reported in one line, without a traceback."""
 
 
+def first_line(e):
+    """An exception's message, cut to its first line, for one-line errors."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def run_cli(main):
     """Run a script's main(); a UserError becomes one line on stderr and exit status 2."""
     try:
@@ -280,3 +285,96 @@ def python_docs_corpus():
                 if doc and len(doc) >= 200:
                     docs.append(doc)
     return docs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# devices and distributed runs
+
+def pick_device(device="auto"):
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def setup_distributed(device="auto"):
+    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU), else run as a single process.
+    Returns (device, ddp_rank, ddp_local_rank, ddp_world_size)."""
+    device = pick_device(device)
+    if "RANK" not in os.environ:
+        return device, 0, 0, 1
+    import torch.distributed as dist
+
+    ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if device.startswith("cuda"):
+        device = f"cuda:{ddp_local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return device, ddp_rank, ddp_local_rank, ddp_world_size
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 matmuls are slow, MPS bf16 autocast is partial)."""
+    if device.startswith("cuda"):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return torch.autocast(device_type="cpu", enabled=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints and models
+
+CHECKPOINT_NAME = re.compile(r"^ckpt_(\d{6,})\.pt$")
+
+
+def save_checkpoint(path, state):
+    """torch.save to a temporary file, then rename: a crash mid-write leaves the previous checkpoints untouched."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def list_checkpoints(out_dir):
+    """Complete checkpoints in out_dir (ckpt_<step>.pt), oldest first."""
+    if not os.path.isdir(out_dir):
+        return []
+    found = sorted((int(m[1]), name) for name in os.listdir(out_dir) if (m := CHECKPOINT_NAME.match(name)))
+    return [os.path.join(out_dir, name) for _, name in found]
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except Exception as e:  # truncated or foreign files fail in the unpickler with many exception types
+        raise UserError(f"cannot read checkpoint {path}: not a complete checkpoint ({type(e).__name__}: {first_line(e)[:200]})") from None
+
+
+def load_model(spec, device="cpu"):
+    """A GPT in eval mode from: one of our checkpoints (.pt), an out dir (its newest checkpoint), a directory written
+    by transformers' save_pretrained, or a Hugging Face name (gpt2, gpt2-medium, gpt2-large, gpt2-xl)."""
+    from model import GPT, MODEL_SIZES, GPTConfig
+
+    if os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "config.json")):
+        checkpoints = list_checkpoints(spec)
+        if not checkpoints:
+            raise UserError(f"{spec} holds no checkpoints (ckpt_NNNNNN.pt) and no config.json")
+        spec = checkpoints[-1]
+    if spec.endswith(".pt"):
+        ckpt = load_checkpoint(spec)
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    elif os.path.isdir(spec) or spec in MODEL_SIZES:
+        try:
+            model = GPT.from_pretrained(spec)
+        except (RuntimeError, ValueError, OSError) as e:
+            raise UserError(str(e)) from None
+    else:
+        raise UserError(f"no model {spec!r}: give a checkpoint .pt, an out dir, a transformers directory or one of {', '.join(MODEL_SIZES)}")
+    return model.to(device).eval()

@@ -59,3 +59,29 @@ def hf_gpt2_dir(tmp_path):
         return model, d
 
     return make
+
+
+def run_script(script, *args, env=None, timeout=300):
+    """Run one of the repo's scripts in a fresh interpreter."""
+    import subprocess
+
+    cmd = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """Writes a checkpoint of a small random GPT (padded 50304 vocabulary) in train.py's format; returns its path."""
+    from dataclasses import asdict
+
+    from model import GPT, GPTConfig
+    from utils import save_checkpoint
+
+    def make(seed=0, block_size=256, **shape):
+        torch.manual_seed(seed)
+        model = GPT(GPTConfig(block_size=block_size, **{**dict(n_layer=2, n_head=2, n_embd=32), **shape}))
+        path = tmp_path / f"ckpt_{seed:06d}.pt"
+        save_checkpoint(str(path), dict(model=model.state_dict(), model_config=asdict(model.config), step=seed))
+        return path
+
+    return make

@@ -1,0 +1,239 @@
+"""
+HellaSwag (https://rowanzellers.com/hellaswag): pick the right one of 4 endings of a short context, by likelihood.
+Scores both published conventions in one run, since papers and repos mix them up:
+
+- completion (build-nanogpt, llm.c): context encode(ctx), endings encode(" " + ending); acc takes the ending with the
+  lowest summed loss, acc_norm the lowest loss per token.
+- harness (lm-eval-harness `hellaswag`, the numbers on the Open LLM leaderboard): the query is the activity label, ctx_a
+  and ctx_b (capitalised), cleaned of WikiHow's [title] / [step] markup; acc takes the highest summed log-likelihood,
+  acc_norm the highest log-likelihood per character of the ending.
+
+    python hellaswag.py --model gpt2                      # OpenAI's GPT-2 124M from the Hugging Face hub
+    python hellaswag.py --model log/ --out results.json   # the newest checkpoint of a training run
+    torchrun --standalone --nproc_per_node 8 hellaswag.py --model gpt2-xl
+"""
+
+import json
+import os
+import re
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model import GPT2_VOCAB_SIZE
+from utils import UserError, autocast, config_parser, get_tokenizer, load_model, run_cli, setup_distributed
+
+URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+N_VAL_EXAMPLES = 10_042
+# published scores (percent): completion acc, acc_norm, harness acc, acc_norm
+REFERENCES = {
+    "GPT-2 124M": (28.59, 29.55, 28.92, 31.14),
+    "GPT-2 XL 1558M": (38.42, 48.93, 40.04, 50.89),
+}
+
+
+@dataclass
+class Config:
+    model: str = "gpt2"  # our checkpoint (.pt), an out dir (its newest checkpoint), a transformers directory, or gpt2 ... gpt2-xl
+    data_file: str = ""  # a local hellaswag_val.jsonl; without it the official file is downloaded once into --cache-dir
+    cache_dir: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag")  # where the download is kept
+    limit: int = 0  # score only the first N examples (0: all)
+    batch_size: int = 32  # examples per forward pass (8 rows each: 4 endings x 2 conventions)
+    device: str = "auto"  # cuda, cpu, mps or auto
+    out: str = ""  # write the results as JSON here
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data
+
+def download(cache_dir):
+    """The official validation set, fetched once."""
+    path = os.path.join(cache_dir, "hellaswag_val.jsonl")
+    if os.path.exists(path):
+        return path
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with urllib.request.urlopen(URL, timeout=30) as response, open(tmp, "wb") as f:
+            f.write(response.read())
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot download HellaSwag from {URL} ({e}): with no network, pass a local copy with --data-file") from None
+    os.replace(tmp, path)
+    return path
+
+
+def load_examples(path, limit=0):
+    """HellaSwag jsonl examples, each checked for the fields the scorers read."""
+    if not os.path.exists(path):
+        raise UserError(f"HellaSwag file {path} does not exist")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {line_no}: not JSON ({e.msg})") from None
+            for key in ("ctx", "ctx_a", "ctx_b", "activity_label"):
+                if not isinstance(ex.get(key), str):
+                    raise UserError(f"{path} line {line_no}: field {key!r} is missing or not a string")
+            endings = ex.get("endings")
+            if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
+                raise UserError(f"{path} line {line_no}: field 'endings' must be a list of 4 strings")
+            if ex.get("label") not in (0, 1, 2, 3, "0", "1", "2", "3"):
+                raise UserError(f"{path} line {line_no}: field 'label' must be 0, 1, 2 or 3, got {ex.get('label')!r}")
+            examples.append(ex)
+            if len(examples) == limit:
+                break
+    if not examples:
+        raise UserError(f"{path} holds no examples")
+    return examples
+
+
+def preprocess(text):
+    """lm-eval-harness's cleaning of HellaSwag's WikiHow markup."""
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def build_rows(example, enc):
+    """The 8 rows to score for one example: (tokens, number of final tokens to score). The first 4 rows are the
+    completion convention's endings, the last 4 the harness convention's."""
+    rows = []
+    ctx = enc.encode_ordinary(example["ctx"])
+    for ending in example["endings"]:
+        end = enc.encode_ordinary(" " + ending)
+        rows.append((ctx + end, len(end)))
+    query = preprocess(example["activity_label"] + ": " + example["ctx_a"] + " " + example["ctx_b"].capitalize())
+    query_tokens = enc.encode_ordinary(query)
+    for ending in example["endings"]:
+        # the harness encodes query and choice together and scores what follows the query's own tokens
+        whole = enc.encode_ordinary(query + " " + preprocess(ending))
+        rows.append((whole, len(whole) - len(query_tokens)))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scoring
+
+def token_logprobs(hidden, targets, head):
+    """log p(target) at each position: the target's logit minus the log of the softmax's normaliser over the vocab.
+    The head (the padded vocabulary rows cut off: they are not tokens) is applied in tiles of positions x vocabulary
+    whose logits stay in cache on a CPU; the normaliser is the logsumexp of the tiles' logsumexps. In fp32 always."""
+    on_cpu = hidden.device.type == "cpu"
+    positions_per_tile, vocab_per_tile = (1024, 1024) if on_cpu else (8192, len(head))
+    out = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
+    for i in range(0, len(hidden), positions_per_tile):
+        h = hidden[i : i + positions_per_tile]  # (P, n_embd)
+        tile_lse = [torch.logsumexp(F.linear(h, head[v : v + vocab_per_tile]), dim=-1) for v in range(0, len(head), vocab_per_tile)]
+        target_logits = (h * head[targets[i : i + positions_per_tile]]).sum(dim=-1)  # (P,)
+        out[i : i + positions_per_tile] = target_logits - torch.logsumexp(torch.stack(tile_lse, dim=-1), dim=-1)
+    return out
+
+
+@torch.inference_mode()
+def score_rows(model, rows, device, rows_per_batch):
+    """Summed log-probability of each row's scored tokens given everything before them, and their count.
+    Rows of similar length are batched together and right-padded: with causal attention the padding after a row
+    cannot change it. The head runs only where a scored token is predicted, not over the contexts."""
+    block_size = model.config.block_size
+    rows = [(tokens[-(block_size + 1) :], min(n, block_size)) for tokens, n in rows]  # keep the end if too long
+    logprob_sums = torch.zeros(len(rows), dtype=torch.float64)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    for start in range(0, len(order), rows_per_batch):
+        batch = order[start : start + rows_per_batch]
+        T = max(len(rows[i][0]) for i in batch) - 1
+        idx = torch.zeros(len(batch), T, dtype=torch.long)
+        targets = torch.zeros(len(batch), T, dtype=torch.long)
+        scored = torch.zeros(len(batch), T, dtype=torch.bool)
+        for b, i in enumerate(batch):
+            tokens, n = rows[i]
+            L = len(tokens) - 1
+            idx[b, :L] = torch.tensor(tokens[:-1])
+            targets[b, :L] = torch.tensor(tokens[1:])
+            scored[b, L - n : L] = True
+        idx, targets, scored = idx.to(device), targets.to(device), scored.to(device)
+        with autocast(device):
+            hidden = model.hidden_states(idx)[scored]  # (n_scored, n_embd)
+        logprobs = token_logprobs(hidden.float(), targets[scored], model.lm_head.weight[:GPT2_VOCAB_SIZE])
+        row_of_token = torch.arange(len(batch), device=device).unsqueeze(1).expand_as(scored)[scored]
+        sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, row_of_token, logprobs.double())
+        logprob_sums[batch] = sums.cpu()
+    return logprob_sums, torch.tensor([n for _, n in rows], dtype=torch.float64)
+
+
+def predict(example, logprob_sums, n_tokens):
+    """The 4 predictions (completion acc, acc_norm, harness acc, acc_norm) of one example from its 8 row scores."""
+    completion, harness = logprob_sums[:4], logprob_sums[4:]
+    chars = torch.tensor([len(preprocess(e)) for e in example["endings"]], dtype=torch.float64)
+    return (
+        int(completion.argmax()),  # lowest summed loss
+        int((completion / n_tokens[:4]).argmax()),  # lowest loss per token
+        int(harness.argmax()),  # highest summed log-likelihood
+        int((harness / chars).argmax()),  # highest log-likelihood per character
+    )
+
+
+def evaluate(model, examples, device, batch_size=32, ddp_rank=0, ddp_world_size=1):
+    """Scores on the examples in both conventions, as fractions. Each rank scores every ddp_world_size-th example;
+    the counts are summed over ranks, so the result equals a single process's."""
+    enc = get_tokenizer()
+    mine = examples[ddp_rank::ddp_world_size]
+    rows = [row for ex in mine for row in build_rows(ex, enc)]
+    counts = torch.zeros(5, dtype=torch.long)  # examples, correct per (acc, acc_norm, harness_acc, harness_acc_norm)
+    if mine:
+        logprob_sums, n_tokens = score_rows(model, rows, device, batch_size * 8)
+        for i, ex in enumerate(mine):
+            predictions = predict(ex, logprob_sums[8 * i : 8 * i + 8], n_tokens[8 * i : 8 * i + 4])
+            counts[0] += 1
+            counts[1:] += torch.tensor([p == int(ex["label"]) for p in predictions])
+    if ddp_world_size > 1:
+        import torch.distributed as dist
+
+        counts = counts.to(device)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        counts = counts.cpu()
+    n = int(counts[0])
+    acc, acc_norm, harness_acc, harness_acc_norm = (c / n for c in counts[1:].tolist())
+    return dict(examples=n, acc=acc, acc_norm=acc_norm, harness_acc=harness_acc, harness_acc_norm=harness_acc_norm)
+
+
+def format_table(results, name):
+    lines = [f"{'':<22}{'completion acc / acc_norm':>28}{'harness acc / acc_norm':>26}"]
+    ours = [100 * results[k] for k in ("acc", "acc_norm", "harness_acc", "harness_acc_norm")]
+    for label, (a, an, ha, han) in [(name, ours), *REFERENCES.items()]:
+        lines.append(f"{label[:22]:<22}{a:>18.2f} / {an:6.2f}{ha:>16.2f} / {han:6.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = Config(**vars(config_parser(Config, __doc__).parse_args(argv)))
+    device, ddp_rank, _, ddp_world_size = setup_distributed(args.device)
+    data_file = args.data_file or download(args.cache_dir)
+    examples = load_examples(data_file, args.limit)
+    model = load_model(args.model, device)
+    t0 = time.time()
+    results = evaluate(model, examples, device, args.batch_size, ddp_rank, ddp_world_size)
+    results.update(seconds=round(time.time() - t0, 2), model=args.model, data_file=data_file, world_size=ddp_world_size, config=asdict(args))
+    if ddp_rank == 0:
+        print(format_table(results, f"{os.path.basename(os.path.normpath(args.model))} ({results['examples']:,} ex)"))
+        print(f"{results['examples']:,} examples in {results['seconds']:.1f} s on {ddp_world_size} x {device}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+    if ddp_world_size > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_cli(main)

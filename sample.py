@@ -1,0 +1,96 @@
+"""
+Sample text from a GPT-2: one of our checkpoints, a Hugging Face name or a local transformers directory.
+
+    python sample.py --model gpt2 --prompt "Hello, I'm a language model," --num-samples 3
+    python sample.py --model log/ --top-k 1 --max-new-tokens 100        # greedy decoding from our newest checkpoint
+
+Text is streamed to the console as it is generated. Sample i is drawn with its own generator seeded from
+(--seed, i), so a sample does not depend on how many others are drawn and the same seed gives the same samples.
+"""
+
+import json
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from utils import EOT, UserError, config_parser, get_tokenizer, load_model, pick_device, run_cli
+
+
+@dataclass
+class Config:
+    model: str = "gpt2"  # our checkpoint (.pt), an out dir (its newest checkpoint), a transformers directory, or gpt2 ... gpt2-xl
+    prompt: str = "Hello, I'm a language model,"  # the text to continue
+    num_samples: int = 4  # how many continuations
+    max_new_tokens: int = 64  # tokens per continuation
+    temperature: float = 1.0  # below 1 sharper, above 1 flatter; 0 is greedy
+    top_k: int = 50  # sample among the k most likely tokens (0: all); 1 is greedy
+    top_p: float = 1.0  # sample among the most likely tokens whose probabilities add up to p (1: all)
+    seed: int = 42  # same seed, same samples
+    device: str = "auto"  # cuda, cpu, mps or auto
+    out: str = ""  # write the samples as a JSON list here
+    stop_at_eot: bool = False  # end a sample at <|endoftext|>
+
+
+class StreamPrinter:
+    """Prints the text of a growing token list, holding back a character until its UTF-8 bytes are complete."""
+
+    def __init__(self, enc, out=sys.stdout):
+        self.enc, self.out, self.printed = enc, out, ""
+
+    def update(self, tokens):
+        text = self.enc.decode(tokens)
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest of it
+            return
+        self.out.write(text[len(self.printed) :])
+        self.out.flush()
+        self.printed = text
+
+
+def generate_samples(model, enc, args, device, stream=None):
+    """A list of {prompt, text, tokens} dicts, one per sample."""
+    prompt_tokens = enc.encode(args.prompt, allowed_special="all")
+    if not prompt_tokens:
+        raise UserError("--prompt is empty: give at least one character of text")
+    if len(prompt_tokens) > model.config.block_size:
+        print(f"warning: the prompt has {len(prompt_tokens)} tokens, more than the model's context of "
+              f"{model.config.block_size}: only its last {model.config.block_size} are read", file=sys.stderr)
+        prompt_tokens = prompt_tokens[-model.config.block_size :]
+    idx = torch.tensor([prompt_tokens], dtype=torch.long, device=device)  # (1, T)
+    samples = []
+    for i in range(args.num_samples):
+        generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + i)
+        printer = StreamPrinter(enc, stream) if stream else None
+        if stream:
+            stream.write(f"\n--- sample {i} ---\n{args.prompt}")
+        tokens = []
+        for new in model.generate_stream(idx, args.max_new_tokens, temperature=args.temperature,
+                                         top_k=args.top_k or None, top_p=args.top_p, generator=generator):
+            token = int(new[0, 0])
+            if args.stop_at_eot and token == EOT:
+                break
+            tokens.append(token)
+            if printer:
+                printer.update(tokens)
+        if stream:
+            stream.write("\n")
+        samples.append(dict(prompt=args.prompt, text=enc.decode(tokens), tokens=tokens))
+    return samples
+
+
+def main(argv=None):
+    args = Config(**vars(config_parser(Config, __doc__).parse_args(argv)))
+    if args.num_samples < 1 or args.max_new_tokens < 1:
+        raise UserError("--num-samples and --max-new-tokens must be at least 1")
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise UserError("--temperature and --top-k must be >= 0, --top-p in (0, 1]")
+    device = pick_device(args.device)
+    model = load_model(args.model, device)
+    samples = generate_samples(model, get_tokenizer(), args, device, stream=sys.stdout)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(samples, f, indent=2, ensure_ascii=False)
+
+
+if __name__ == "__main__":
+    run_cli(main)
