@@ -6,13 +6,11 @@ Benchmarks that compare variants side by side in one run and print the ratios.
 """
 
 import argparse
-import importlib.util
 import json
 import multiprocessing as mp
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
 
@@ -20,19 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils import EOT, get_tokenizer, python_docs_corpus, run_cli
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def load_script(name):
-    """Import one of the repo's hyphenated scripts as a module."""
-    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), os.path.join(ROOT, name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # worker processes find its functions by module name
-    spec.loader.exec_module(module)
-    return module
-
+from utils import EOT, get_tokenizer, load_script, python_docs_corpus, run_cli
 
 def synthetic_hellaswag(n, seed=0):
     """HellaSwag-format examples of random words, with the WikiHow markup ([title], [step], double spaces) that the

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 EOT = 50256  # <|endoftext|>: starts every document in the shards
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 class UserError(Exception):
@@ -67,6 +68,15 @@ def config_parser(config_class, description):
         else:
             parser.add_argument(flag, type=str if f.type in (str, "str") else float, **kw)
     return parser
+
+
+def load_script(name):
+    """Import one of the repo's scripts (download-fineweb-edu has a hyphen, so no plain import) as a module."""
+    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), os.path.join(ROOT, name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # worker processes find its functions by module name
+    spec.loader.exec_module(module)
+    return module
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -316,6 +326,16 @@ def setup_distributed(device="auto"):
     return device, ddp_rank, ddp_local_rank, ddp_world_size
 
 
+def peak_flops(device):
+    """The GPU's dense bf16 peak (FLOP/s) for MFU, or None when it is not in model.PEAK_BF16_FLOPS."""
+    if not device.startswith("cuda"):
+        return None
+    from model import PEAK_BF16_FLOPS
+
+    name = torch.cuda.get_device_name(device)
+    return next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
+
+
 def autocast(device):
     """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 matmuls are slow, MPS bf16 autocast is partial)."""
     if device.startswith("cuda"):
@@ -332,11 +352,16 @@ CHECKPOINT_NAME = re.compile(r"^ckpt_(\d{6,})\.pt$")
 def save_checkpoint(path, state):
     """torch.save to a temporary file, then rename: a crash mid-write leaves the previous checkpoints untouched."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def list_checkpoints(out_dir):
@@ -378,3 +403,62 @@ def load_model(spec, device="cpu"):
     else:
         raise UserError(f"no model {spec!r}: give a checkpoint .pt, an out dir, a transformers directory or one of {', '.join(MODEL_SIZES)}")
     return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# logs and plots
+
+GPT2_124M_VAL_LOSS = 3.2924  # OpenAI's GPT-2 124M on FineWeb-Edu's val split (build-nanogpt)
+GPT2_124M_HELLASWAG = 0.2955  # its completion-style acc_norm
+GPT3_124M_HELLASWAG = 0.337  # GPT-3 paper, 125M model
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_log(path):
+    """log.jsonl's step records merged per step; where a resumed run logged a step again, its record wins."""
+    steps = {}
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            if "step" in record and "event" not in record:
+                steps.setdefault(record["step"], {}).update(record)
+    return [steps[s] for s in sorted(steps)]
+
+
+def plot_log(log_path, png_path):
+    """Train/val loss and HellaSwag against steps, with GPT-2 124M's scores as reference lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_log(log_path)
+
+    def series(key):
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    fig, (ax_loss, ax_hella) = plt.subplots(1, 2, figsize=(14, 5))
+    ax_loss.plot(*series("train_loss"), label="train loss", alpha=0.6, linewidth=0.8)
+    ax_loss.plot(*series("val_loss"), label="val loss", marker=".")
+    ax_loss.axhline(GPT2_124M_VAL_LOSS, color="r", linestyle="--", label=f"GPT-2 124M val loss ({GPT2_124M_VAL_LOSS})")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss (nats/token)")
+    ax_loss.set_yscale("log")
+    ax_loss.legend()
+    ax_hella.plot(*series("hellaswag_acc_norm"), label="HellaSwag acc_norm", marker=".")
+    ax_hella.set_xlim(ax_loss.get_xlim())
+    ax_hella.axhline(GPT2_124M_HELLASWAG, color="r", linestyle="--", label=f"GPT-2 124M ({GPT2_124M_HELLASWAG})")
+    ax_hella.axhline(GPT3_124M_HELLASWAG, color="g", linestyle="--", label=f"GPT-3 124M ({GPT3_124M_HELLASWAG})")
+    ax_hella.set_xlabel("step")
+    ax_hella.set_ylabel("accuracy")
+    ax_hella.legend()
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)

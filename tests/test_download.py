@@ -241,7 +241,7 @@ def test_no_network_for_the_default_source_says_to_use_data_files(tmp_path):
 
 
 def test_disk_full_removes_the_partial_shard_and_keeps_the_manifest_valid(corpus, reference, tmp_path, monkeypatch):
-    from bench import load_script
+    from utils import load_script
 
     downloader = load_script("download-fineweb-edu")
     real_save = np.save

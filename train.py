@@ -1,0 +1,358 @@
+"""
+Pretrain GPT-2 on token shards, on one device or many (DDP under torchrun).
+
+    ./train.sh --preset quickstart              # a small GPT on Python's own docs: offline, CPU, a few minutes
+    ./train.sh                                  # the reference run: GPT-2 124M on 5B tokens of FineWeb-Edu
+    torchrun --standalone --nproc_per_node 8 train.py --preset gpt2-124m --out-dir log
+    ./train.sh --resume --out-dir log           # continue a run from its newest checkpoint, bit for bit
+
+Each optimizer step sees --total-batch tokens: --micro-batch x --seq-len per process per micro-step, accumulated over
+total / (micro x seq x world size) micro-steps, so adding GPUs changes speed, not results. Everything a run logs goes
+to <out-dir>/log.jsonl (one JSON object per line) and a plot, <out-dir>/loss.png.
+"""
+
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import hellaswag
+from model import GPT, GPTConfig
+from utils import (ShardedDataLoader, UserError, append_jsonl, autocast, config_parser, get_tokenizer,
+                   list_checkpoints, load_checkpoint, load_script, peak_flops, plot_log, run_cli,
+                   save_checkpoint, setup_distributed)
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "gpt2-124m"  # gpt2-124m (the reference run), gpt2-350m, gpt2-774m, gpt2-1558m, tiny, quickstart
+    data_dir: str = "edu_fineweb10B"  # token shards written by download-fineweb-edu.py
+    out_dir: str = "log"  # log.jsonl, loss.png and checkpoints
+    device: str = "auto"  # cuda, cpu, mps or auto
+    resume: bool = False  # continue from the newest checkpoint in --out-dir
+    # model
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    # batch: tokens per optimizer step = micro_batch x seq_len x world size x gradient accumulation steps
+    micro_batch: int = 64  # sequences per process per forward/backward
+    seq_len: int = 1024  # tokens per sequence (the model's context)
+    total_batch: int = 524_288  # tokens per optimizer step (2**19, about 0.5M as in GPT-3 small)
+    # optimizer and schedule
+    max_steps: int = 9_537  # 5B tokens / 524,288 tokens per step
+    warmup_steps: int = 715  # linear warmup (GPT-3: 375M tokens)
+    max_lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # cosine decay ends at max_lr x this
+    weight_decay: float = 0.1  # on the matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm (0: off)
+    seed: int = 1337
+    shuffle: bool = False  # shuffle the order of the train shards in each epoch
+    compile: bool = None  # torch.compile the model (default: on for CUDA, off elsewhere)
+    # evaluation, samples, checkpoints (intervals in steps; 0 turns one off)
+    eval_interval: int = 250  # validation loss
+    val_steps: int = 20  # batches of validation per evaluation
+    hellaswag_interval: int = 250
+    hellaswag_file: str = ""  # a local hellaswag_val.jsonl; without it the official file is downloaded once
+    hellaswag_limit: int = 0  # first N examples only (0: all 10,042)
+    sample_interval: int = 250
+    sample_prompt: str = "Hello, I'm a language model,"
+    num_samples: int = 4
+    sample_tokens: int = 32
+    checkpoint_interval: int = 1_000
+    keep_checkpoints: int = 3  # the newest N are kept
+    export: str = ""  # at the end, write the model as a transformers directory here (lm-eval-harness can load it)
+
+
+PRESETS = {
+    "gpt2-124m": dict(),  # the defaults above
+    # larger GPT-2 shapes, with GPT-3's learning rates for their sizes and micro-batches that fit an 80 GB GPU
+    "gpt2-350m": dict(n_layer=24, n_head=16, n_embd=1024, micro_batch=32, max_lr=3e-4),
+    "gpt2-774m": dict(n_layer=36, n_head=20, n_embd=1280, micro_batch=16, max_lr=2.5e-4),
+    "gpt2-1558m": dict(n_layer=48, n_head=25, n_embd=1600, micro_batch=8, max_lr=2e-4),
+    # for tests on a CPU: 4 micro-batches per step, so it splits over 1, 2 or 4 processes
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, micro_batch=4, seq_len=32, total_batch=512, max_steps=20,
+                 warmup_steps=4, max_lr=1e-3, eval_interval=10, val_steps=2, hellaswag_interval=0, sample_interval=10,
+                 num_samples=2, sample_tokens=8, checkpoint_interval=5),
+    # offline first run: Python's own documentation as the corpus, a small GPT, a few minutes on a laptop CPU
+    "quickstart": dict(data_dir="data/quickstart", out_dir="log/quickstart", n_layer=4, n_head=4, n_embd=128,
+                       micro_batch=16, seq_len=128, total_batch=2048, max_steps=300, warmup_steps=30, max_lr=2e-3,
+                       eval_interval=30, val_steps=4, hellaswag_interval=0, sample_interval=150, num_samples=2,
+                       sample_tokens=32, checkpoint_interval=150),
+}
+
+
+def parse_config(argv=None):
+    """The flags, with the chosen preset's values as their defaults: explicit flags win."""
+    parser = config_parser(TrainConfig, __doc__)
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset not in PRESETS:
+        parser.error(f"unknown --preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    parser.set_defaults(**PRESETS[preset])
+    return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def get_lr(step, config):
+    """Linear warmup (lr > 0 at step 0), then cosine decay to min_lr_ratio x max_lr at max_steps."""
+    min_lr = config.max_lr * config.min_lr_ratio
+    if step < config.warmup_steps:
+        return config.max_lr * (step + 1) / config.warmup_steps
+    if step >= config.max_steps:
+        return min_lr
+    decay_ratio = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))  # from 1 to 0
+    return min_lr + coeff * (config.max_lr - min_lr)
+
+
+def train_step(model, optimizer, next_batch, grad_accum_steps, device, lr, grad_clip, ddp_world_size=1):
+    """One optimizer step over grad_accum_steps micro-batches; returns the loss averaged over all micro-batches of
+    all ranks and the gradient norm, both as tensors (reading them is the caller's one sync per step)."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss_accum = torch.zeros((), device=device)
+    for micro_step in range(grad_accum_steps):
+        x, y = next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if ddp_world_size > 1:
+            # all-reduce the gradients only on the last micro-step; must be set before that micro-step's forward
+            model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
+        with autocast(device):
+            _, loss = model(x, y)
+        loss = loss / grad_accum_steps  # the gradients add up over micro-steps: scale each to get the mean
+        loss_accum += loss.detach()
+        loss.backward()
+    if ddp_world_size > 1:
+        dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)  # gloo has no AVG
+        loss_accum /= ddp_world_size
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    return loss_accum, norm
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, steps, device, ddp_world_size=1):
+    model.eval()
+    loader.reset()  # the same validation tokens every time
+    loss_accum = torch.zeros((), device=device)
+    for _ in range(steps):
+        x, y = loader.next_batch()
+        with autocast(device):
+            _, loss = model(x.to(device), y.to(device))
+        loss_accum += loss.detach() / steps
+    if ddp_world_size > 1:
+        dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)
+        loss_accum /= ddp_world_size
+    return loss_accum.item()
+
+
+def rng_states(device):
+    np_state = np.random.get_state()
+    states = dict(python=random.getstate(), numpy=(np_state[0], np_state[1].tolist(), *np_state[2:]), torch=torch.get_rng_state())
+    if device.startswith("cuda"):
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states, device):
+    random.setstate(states["python"])
+    np.random.set_state((states["numpy"][0], np.array(states["numpy"][1], dtype=np.uint32), *states["numpy"][2:]))
+    torch.set_rng_state(states["torch"])
+    if device.startswith("cuda") and "cuda" in states:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def newest_good_checkpoint(out_dir):
+    """The newest checkpoint that loads; a damaged one is skipped with a warning."""
+    for path in reversed(list_checkpoints(out_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except UserError as e:
+            print(f"warning: skipping {path}: {e}", file=sys.stderr)
+    return None, None
+
+
+def prepare_quickstart_data(data_dir):
+    """Python's documentation as a jsonl corpus, tokenized into shards by the downloader's own code."""
+    import json
+
+    from utils import python_docs_corpus
+
+    os.makedirs(data_dir, exist_ok=True)
+    corpus = os.path.join(data_dir, "python_docs.jsonl")
+    if not os.path.exists(corpus):
+        with open(corpus + ".tmp", "w") as f:
+            for text in python_docs_corpus():
+                f.write(json.dumps(dict(text=text)) + "\n")
+        os.replace(corpus + ".tmp", corpus)
+    downloader = load_script("download-fineweb-edu")
+    downloader.main(["--data-files", corpus, "--out-dir", data_dir, "--prefix", "pydocs", "--shard-size", "50000"])
+
+
+def main(argv=None):
+    config = parse_config(argv)
+    device, ddp_rank, ddp_local_rank, ddp_world_size = setup_distributed(config.device)
+    ddp = ddp_world_size > 1
+    master_process = ddp_rank == 0  # logs, plots, checkpoints, samples
+    is_cuda = device.startswith("cuda")
+    compile_model = config.compile if config.compile is not None else is_cuda
+
+    tokens_per_micro_step = config.micro_batch * config.seq_len * ddp_world_size
+    if config.total_batch % tokens_per_micro_step != 0:
+        raise UserError(
+            f"--total-batch {config.total_batch} is not divisible by --micro-batch {config.micro_batch} x --seq-len "
+            f"{config.seq_len} x {ddp_world_size} processes = {tokens_per_micro_step}"
+        )
+    grad_accum_steps = config.total_batch // tokens_per_micro_step
+    if config.n_embd % config.n_head != 0:
+        raise UserError(f"--n-embd {config.n_embd} is not divisible by --n-head {config.n_head}")
+    if config.preset == "quickstart" and master_process:
+        prepare_quickstart_data(config.data_dir)
+    if ddp:
+        dist.barrier()  # the data is ready for every rank
+    if not os.path.isdir(config.data_dir):
+        raise UserError(f"data directory {config.data_dir} does not exist: run download-fineweb-edu.py first (or try --preset quickstart)")
+
+    checkpoint_path, checkpoint = newest_good_checkpoint(config.out_dir)
+    if checkpoint is not None and not config.resume:
+        raise UserError(f"{config.out_dir} holds checkpoints of an earlier run: pass --resume to continue it, or choose another --out-dir")
+
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    if is_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 matmuls outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    train_loader = ShardedDataLoader(config.data_dir, "train", config.micro_batch, config.seq_len, ddp_rank, ddp_world_size,
+                                     shuffle=config.shuffle, seed=config.seed)
+    val_loader = ShardedDataLoader(config.data_dir, "val", config.micro_batch, config.seq_len, ddp_rank, ddp_world_size)
+    model_config = GPTConfig(block_size=config.seq_len, n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)
+    model = GPT(model_config).to(device)
+    optimizer = model.configure_optimizers(config.weight_decay, config.max_lr, (config.beta1, config.beta2), "cuda" if is_cuda else device, config.eps)
+
+    start_step = 0
+    if checkpoint is not None:
+        if checkpoint["model_config"] != asdict(model_config) or checkpoint["config"]["total_batch"] != config.total_batch:
+            raise UserError(f"{checkpoint_path} was trained with another model shape or --total-batch: resume with the same settings")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        train_loader.load_state_dict(checkpoint["train_loader"])
+        set_rng_states(checkpoint["rng"], device)
+        start_step = checkpoint["step"]
+        del checkpoint
+    raw_model = model  # evaluation, sampling and checkpoints use the plain module
+    if compile_model:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[ddp_local_rank] if is_cuda else None)
+
+    os.makedirs(config.out_dir, exist_ok=True)
+    log_path = os.path.join(config.out_dir, "log.jsonl")
+    peak = peak_flops(device)
+    if master_process:
+        if start_step == 0:
+            resolved = {**asdict(config), "device": device, "compile": compile_model}
+            append_jsonl(log_path, dict(event="config", **resolved, world_size=ddp_world_size, grad_accum_steps=grad_accum_steps,
+                                        n_params=raw_model.num_params()))
+        else:
+            append_jsonl(log_path, dict(event="resume", step=start_step, checkpoint=checkpoint_path, world_size=ddp_world_size, grad_accum_steps=grad_accum_steps))
+        print(f"{raw_model.num_params():,} parameters | {ddp_world_size} x {device} | {config.total_batch:,} tokens/step = "
+              f"{config.micro_batch} x {config.seq_len} x {ddp_world_size} x {grad_accum_steps} grad accum | steps {start_step}..{config.max_steps}")
+
+    hellaswag_examples = load_hellaswag(config, master_process, ddp) if config.hellaswag_interval > 0 else None
+    enc = get_tokenizer()
+    val_loss = None
+    for step in range(start_step, config.max_steps + 1):
+        last_step = step == config.max_steps
+        record = dict(step=step)
+        if config.eval_interval > 0 and (step % config.eval_interval == 0 or last_step):
+            val_loss = record["val_loss"] = evaluate_loss(raw_model, val_loader, config.val_steps, device, ddp_world_size)
+        if hellaswag_examples and (step % config.hellaswag_interval == 0 or last_step):
+            results = hellaswag.evaluate(raw_model, hellaswag_examples, device, 32, ddp_rank, ddp_world_size)
+            record.update({f"hellaswag_{k}": v for k, v in results.items()})
+        if master_process and len(record) > 1:
+            append_jsonl(log_path, record)
+            print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+            plot_log(log_path, os.path.join(config.out_dir, "loss.png"))
+        if master_process and config.sample_interval > 0 and (step % config.sample_interval == 0 or last_step) and step > 0:
+            samples = generate_text(raw_model, enc, config, device)
+            append_jsonl(log_path, dict(step=step, samples=samples))
+            for text in samples:
+                print(f"sample: {text!r}")
+        if last_step:
+            break
+
+        t0 = time.time()
+        lr = get_lr(step, config)
+        loss, norm = train_step(model, optimizer, train_loader.next_batch, grad_accum_steps, device, lr, config.grad_clip, ddp_world_size)
+        loss, norm = loss.item(), norm.item()  # waits for the GPU: the step's one sync
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            last = list_checkpoints(config.out_dir)
+            raise UserError(f"step {step}: the train loss is {loss}, the gradient norm {norm}; stopped. The last good checkpoint is "
+                            f"{last[-1] if last else 'none'}: lower --max-lr or check the data, then --resume")
+        dt = time.time() - t0
+        tokens_per_sec = config.total_batch / dt
+        if master_process:
+            entry = dict(step=step, train_loss=loss, lr=lr, grad_norm=norm, dt_ms=dt * 1000, tokens_per_sec=tokens_per_sec)
+            if peak:
+                entry["mfu"] = raw_model.estimate_mfu(tokens_per_sec / ddp_world_size, config.seq_len, peak)
+            append_jsonl(log_path, entry)
+            mfu = f" | mfu {100 * entry['mfu']:.1f}%" if peak else ""
+            print(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {dt * 1000:.1f}ms | tok/sec {tokens_per_sec:,.0f}{mfu}")
+        checkpoint_due = config.checkpoint_interval > 0 and (step + 1) % config.checkpoint_interval == 0
+        if master_process and (checkpoint_due or step + 1 == config.max_steps):
+            write_checkpoint(config, raw_model, optimizer, model_config, step + 1, train_loader, val_loss, device)
+
+    if master_process and config.export:
+        raw_model.export_hf(config.export)
+        print(f"exported the model to {config.export} (transformers GPT2LMHeadModel format)")
+    if ddp:
+        dist.destroy_process_group()
+
+
+def write_checkpoint(config, raw_model, optimizer, model_config, step, train_loader, val_loss, device):
+    path = os.path.join(config.out_dir, f"ckpt_{step:06d}.pt")
+    save_checkpoint(path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_config=asdict(model_config),
+                               config=asdict(config), step=step, train_loader=train_loader.state_dict(), val_loss=val_loss,
+                               rng=rng_states(device)))
+    for old in list_checkpoints(config.out_dir)[: -config.keep_checkpoints]:
+        os.remove(old)
+    print(f"saved {path}")
+
+
+def load_hellaswag(config, master_process, ddp):
+    """HellaSwag's examples, or None (with one warning) when the file cannot be had."""
+    path = config.hellaswag_file or os.path.join(hellaswag.Config.cache_dir, "hellaswag_val.jsonl")
+    error = None
+    if master_process and not config.hellaswag_file:
+        try:
+            hellaswag.download(hellaswag.Config.cache_dir)  # once, by one process
+        except UserError as e:
+            error = e
+    if ddp:
+        dist.barrier()
+    if not os.path.exists(path):
+        if master_process:
+            print(f"warning: HellaSwag is skipped: {error or f'{path} does not exist'}", file=sys.stderr)
+        return None
+    return hellaswag.load_examples(path, config.hellaswag_limit)
+
+
+def generate_text(raw_model, enc, config, device):
+    prompt = torch.tensor([enc.encode(config.sample_prompt)] * config.num_samples, device=device)
+    generator = torch.Generator(device=device).manual_seed(42)
+    with autocast(device):
+        tokens = raw_model.generate(prompt, config.sample_tokens, top_k=50, generator=generator)
+    return [enc.decode(row[prompt.size(1) :].tolist()) for row in tokens]
+
+
+if __name__ == "__main__":
+    run_cli(main)

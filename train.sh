@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Launch train.py on every GPU of this machine (torchrun), or on the CPU when there is none. All arguments pass through.
+#
+#   ./train.sh --preset quickstart                 # no GPU needed
+#   ./train.sh                                     # the reference GPT-2 124M run on all local GPUs
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 ./train.sh   # on node 0; NODE_RANK=1 on node 1
+#
+# NGPU=N overrides the detected GPU count; TRAIN_SH_DRY_RUN=1 prints the command instead of running it.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if [[ -z "${NGPU:-}" ]]; then
+    NGPU=$( (nvidia-smi --list-gpus 2>/dev/null || true) | grep -c "^GPU" || true)
+fi
+
+if [[ "$NGPU" -ge 1 ]]; then
+    if [[ -n "${NNODES:-}" && "${NNODES}" -gt 1 ]]; then
+        : "${NODE_RANK:?set NODE_RANK (0 .. NNODES-1) for a multi-node run}"
+        : "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0 for a multi-node run}"
+        cmd=(torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NGPU"
+             --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" train.py "$@")
+    else
+        cmd=(torchrun --standalone --nproc_per_node "$NGPU" train.py "$@")
+    fi
+else
+    # CPU: glibc would hand every large freed tensor (logits, their gradients) back to the OS and page-fault it in
+    # again next step; keeping them in the heap makes a CPU step about 1.5x faster.
+    export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-4294967296}" MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-4294967296}"
+    cmd=(python train.py "$@")
+fi
+
+if [[ -n "${TRAIN_SH_DRY_RUN:-}" ]]; then
+    printf '%q ' "${cmd[@]}"
+    echo
+    exit 0
+fi
+exec "${cmd[@]}"
