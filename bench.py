@@ -3,6 +3,9 @@ Benchmarks that compare variants side by side in one run and print the ratios.
 
     python bench.py tokenize            # download-fineweb-edu.py vs the common nanoGPT-style tokenizing loop
     python bench.py hellaswag           # hellaswag.py vs a plain one-example-per-forward scorer, small model on CPU
+    python bench.py train --compare-compile --micro-batches 32,64     # GPT-2 124M train step on the GPU: tokens/s, MFU
+    python bench.py train --preset tiny --n-layer 4 --n-head 4 --n-embd 256 --micro-batch 8 --seq-len 256 \
+        --total-batch 2048 --no-compile --device cpu                   # train.py's loop vs nanoGPT's on a CPU
 """
 
 import argparse
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils import EOT, get_tokenizer, load_script, python_docs_corpus, run_cli
+from utils import EOT, autocast, get_tokenizer, load_script, python_docs_corpus, run_cli
 
 def synthetic_hellaswag(n, seed=0):
     """HellaSwag-format examples of random words, with the WikiHow markup ([title], [step], double spaces) that the
@@ -104,6 +107,124 @@ def bench_hellaswag(args):
     print(f"{'plain scorer':>14} {best['plain scorer']:8.2f} {args.examples / best['plain scorer']:11.1f}  completion")
     print(f"{'hellaswag.py':>14} {best['hellaswag.py']:8.2f} {args.examples / best['hellaswag.py']:11.1f}  completion + harness")
     print(f"hellaswag speedup: {best['plain scorer'] / best['hellaswag.py']:.2f}x over the plain scorer, same acc_norm ({plain_acc_norm:.4f})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training steps
+
+def nanogpt_loop(model, optimizer, bin_path, config, device, grad_accum_steps, n_steps):
+    """nanoGPT's train.py hot loop, as written there: a fresh np.memmap per batch, random offsets, torch.stack of
+    per-row copies, the next batch fetched during the step, loss.item() every step (log_interval = 1).
+    Returns the time of each step."""
+    B, T = config.micro_batch, config.seq_len
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+
+    def get_batch():
+        data = np.memmap(bin_path, dtype=np.uint16, mode="r")
+        ix = torch.randint(len(data) - T, (B,))
+        x = torch.stack([torch.from_numpy((data[i : i + T]).astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy((data[i + 1 : i + 1 + T]).astype(np.int64)) for i in ix])
+        if device_type == "cuda":
+            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        else:
+            x, y = x.to(device), y.to(device)
+        return x, y
+
+    import train
+
+    scaler = torch.amp.GradScaler(device_type, enabled=False)  # nanoGPT's scaler: only enabled for float16
+    times = []
+    X, Y = get_batch()
+    for step in range(n_steps):
+        t0 = time.time()
+        lr = train.get_lr(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro_step in range(grad_accum_steps):
+            with autocast(device):
+                logits, loss = model(X, Y)
+                loss = loss / grad_accum_steps
+            X, Y = get_batch()
+            scaler.scale(loss).backward()
+        if config.grad_clip != 0.0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        lossf = loss.item() * grad_accum_steps  # noqa: F841 (nanoGPT logs it every step)
+        times.append(time.time() - t0)
+    return times
+
+
+def our_loop(model, optimizer, loader, config, device, grad_accum_steps, n_steps):
+    """train.py's hot loop: train_step, then the one .item() sync per step."""
+    import train
+
+    times = []
+    for step in range(n_steps):
+        t0 = time.time()
+        loss, norm = train.train_step(model, optimizer, loader.next_batch, grad_accum_steps, device, train.get_lr(step, config), config.grad_clip)
+        loss.item(), norm.item()
+        times.append(time.time() - t0)
+    return times
+
+
+def bench_train(args, train_argv):
+    import train
+    from model import GPT, GPTConfig
+    from utils import ShardedDataLoader, peak_flops, pick_device
+
+    config = train.parse_config(train_argv)
+    device = pick_device(config.device)
+    base_compile = config.compile if config.compile is not None else device.startswith("cuda")
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    micro_batches = [int(b) for b in args.micro_batches.split(",")] if args.micro_batches else [config.micro_batch]
+    compiles = [base_compile, not base_compile] if args.compare_compile else [base_compile]
+    variants = [("train.py", mb, c) for c in compiles for mb in micro_batches] + [("nanoGPT loop", config.micro_batch, base_compile)]
+    peak = peak_flops(device)
+    n_steps = args.warmup + args.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        n_tokens = max(config.total_batch * n_steps + 1, 1_000_000)
+        tokens = rng.integers(0, 50257, n_tokens, dtype=np.uint16)
+        np.save(os.path.join(tmp, "synthetic_train_000001.npy"), tokens)
+        tokens.tofile(os.path.join(tmp, "train.bin"))  # nanoGPT's format: raw uint16
+        print(f"{config.preset}: {config.n_layer} layers, {config.n_embd} wide, {config.total_batch:,} tokens/step, "
+              f"seq_len {config.seq_len}, on {device} ({torch.cuda.get_device_name(device) if device.startswith('cuda') else f'{torch.get_num_threads()} threads'})")
+        print(f"{'loop':>14} {'micro':>6} {'compile':>8} {'ms/step':>9} {'tokens/s':>11} {'MFU':>6}")
+        results = {}
+        for rounds in range(args.rounds):  # alternate the variants, so that drifting machine speed hits all of them
+            for name, micro_batch, compile_model in variants:
+                if config.total_batch % (micro_batch * config.seq_len):
+                    continue
+                grad_accum_steps = config.total_batch // (micro_batch * config.seq_len)
+                torch.manual_seed(config.seed)
+                model = GPT(GPTConfig(block_size=config.seq_len, n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)).to(device)
+                optimizer = model.configure_optimizers(config.weight_decay, config.max_lr, (config.beta1, config.beta2), device.split(":")[0], config.eps)
+                run_model = torch.compile(model) if compile_model else model
+                variant = dict(config.__dict__, micro_batch=micro_batch)
+                vconfig = type(config)(**variant)
+                if name == "train.py":
+                    loader = ShardedDataLoader(tmp, "train", micro_batch, config.seq_len)
+                    times = our_loop(run_model, optimizer, loader, vconfig, device, grad_accum_steps, n_steps)
+                else:
+                    times = nanogpt_loop(run_model, optimizer, os.path.join(tmp, "train.bin"), vconfig, device, grad_accum_steps, n_steps)
+                results.setdefault((name, micro_batch, compile_model), []).extend(times[args.warmup :])
+                del model, optimizer, run_model
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+        flops_model = GPT(GPTConfig(block_size=config.seq_len, n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd))
+        for (name, micro_batch, compile_model), times in results.items():
+            dt = float(np.median(times))
+            tps = config.total_batch / dt
+            mfu = f"{100 * flops_model.estimate_mfu(tps, config.seq_len, peak):5.1f}%" if peak else "     -"
+            print(f"{name:>14} {micro_batch:>6} {str(compile_model):>8} {dt * 1000:9.1f} {tps:11,.0f} {mfu}")
+        ours = float(np.median(results[("train.py", config.micro_batch, base_compile)]))
+        theirs = float(np.median(results[("nanoGPT loop", config.micro_batch, base_compile)]))
+        print(f"train.py step vs nanoGPT loop: {theirs / ours:.2f}x tokens/s (median of {args.steps} steps x {args.rounds} rounds)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,8 +318,20 @@ def main():
     h.add_argument("--n-embd", type=int, default=128)
     h.add_argument("--batch-size", type=int, default=32)
     h.add_argument("--repeats", type=int, default=2)
-    args = p.parse_args()
-    {"tokenize": bench_tokenize, "hellaswag": bench_hellaswag}[args.bench](args)
+    tr = sub.add_parser("train", allow_abbrev=False, help="tokens/s and MFU of a train.py preset on synthetic tokens, beside nanoGPT's loop; "
+                                      "other flags go to train.py (--preset, --micro-batch, --no-compile, ...)")
+    tr.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
+    tr.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
+    tr.add_argument("--rounds", type=int, default=2)
+    tr.add_argument("--micro-batches", default="", help="comma-separated micro-batch sizes to compare (default: the preset's)")
+    tr.add_argument("--compare-compile", action="store_true", help="also run with torch.compile toggled")
+    args, rest = p.parse_known_args()
+    if args.bench != "train" and rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.bench == "train":
+        bench_train(args, rest)
+    else:
+        {"tokenize": bench_tokenize, "hellaswag": bench_hellaswag}[args.bench](args)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ total / (micro x seq x world size) micro-steps, so adding GPUs changes speed, no
 to <out-dir>/log.jsonl (one JSON object per line) and a plot, <out-dir>/loss.png.
 """
 
+import argparse
 import math
 import os
 import random
@@ -93,8 +94,10 @@ PRESETS = {
 
 def parse_config(argv=None):
     """The flags, with the chosen preset's values as their defaults: explicit flags win."""
+    first = argparse.ArgumentParser(add_help=False)  # the preset first, so that --help shows its values
+    first.add_argument("--preset", default=TrainConfig.preset)
+    preset = first.parse_known_args(argv)[0].preset
     parser = config_parser(TrainConfig, __doc__)
-    preset = parser.parse_known_args(argv)[0].preset
     if preset not in PRESETS:
         parser.error(f"unknown --preset {preset!r}: choose one of {', '.join(PRESETS)}")
     parser.set_defaults(**PRESETS[preset])

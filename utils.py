@@ -58,7 +58,8 @@ def config_parser(config_class, description):
     for f in dataclasses.fields(config_class):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw = dict(default=default, help=comments.get(f.name, ""))
+        comment = comments.get(f.name, "").replace("%", "%%")
+        kw = dict(default=default, help=f"{comment} (default: %(default)s)".strip())
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.type in (list, "list"):

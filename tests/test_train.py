@@ -136,25 +136,25 @@ def test_gradient_accumulation_equals_one_big_micro_batch(data_dir, tmp_path):
 
 
 def test_resume_after_sigkill_is_bit_exact(data_dir, tmp_path):
-    args = ["--max-steps", 120, "--checkpoint-interval", 10, "--eval-interval", 40, "--sample-interval", 0]
+    args = ["--max-steps", 80, "--checkpoint-interval", 10, "--eval-interval", 40, "--sample-interval", 0]
     run_train(*tiny(data_dir, tmp_path / "straight", *args))
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *tiny(data_dir, out, *args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if (out / "log.jsonl").exists() and 57 in train_losses(out):
+        if (out / "log.jsonl").exists() and 37 in train_losses(out):
             break
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     before = (out / "log.jsonl").read_text()
-    assert 57 in train_losses(out) and 119 not in train_losses(out)
+    assert 37 in train_losses(out) and 79 not in train_losses(out)
     run_train(*tiny(data_dir, out, *args, "--resume"))
     after = (out / "log.jsonl").read_text()
     assert after.startswith(before)  # appended, never truncated
     resume = [json.loads(line) for line in after[len(before):].splitlines()][0]
-    assert resume["event"] == "resume" and resume["step"] in (50, 60)
+    assert resume["event"] == "resume" and resume["step"] in (30, 40)
     assert train_losses(out) == train_losses(tmp_path / "straight")  # every step, bit for bit
 
 
@@ -252,3 +252,14 @@ def test_train_sh_command_lines(fake_nvidia_smi, monkeypatch):
     assert train_sh(env)[1] == "torchrun --nnodes 2 --node_rank 1 --nproc_per_node 8 --master_addr 10.0.0.1 --master_port 1234 train.py"
     rc, _, err = train_sh(dict(env, NODE_RANK=""))
     assert rc != 0 and "set NODE_RANK" in err
+
+
+def test_compiled_training_evaluates_samples_and_saves_plain_weights(data_dir, tmp_path):
+    run_train(*tiny(data_dir, tmp_path / "plain", "--max-steps", 4, "--eval-interval", 2, "--sample-interval", 4))
+    run_train(*tiny(data_dir, tmp_path / "compiled", "--max-steps", 4, "--eval-interval", 2, "--sample-interval", 4, "--compile"))
+    records = read_log(tmp_path / "compiled" / "log.jsonl")
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 2, 4] and any("samples" in r for r in records)
+    plain, compiled = train_losses(tmp_path / "plain"), train_losses(tmp_path / "compiled")
+    assert sorted(plain) == sorted(compiled) and all(abs(plain[s] - compiled[s]) < 1e-3 for s in plain)
+    ckpt = load_checkpoint(str(tmp_path / "compiled" / "ckpt_000004.pt"))
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
