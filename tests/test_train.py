@@ -263,3 +263,17 @@ def test_compiled_training_evaluates_samples_and_saves_plain_weights(data_dir, t
     assert sorted(plain) == sorted(compiled) and all(abs(plain[s] - compiled[s]) < 1e-3 for s in plain)
     ckpt = load_checkpoint(str(tmp_path / "compiled" / "ckpt_000004.pt"))
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+
+
+def test_hellaswag_runs_inside_training_or_is_skipped_with_one_warning(data_dir, tmp_path):
+    from bench import synthetic_hellaswag
+
+    hs = tmp_path / "hellaswag.jsonl"
+    hs.write_text("".join(json.dumps(ex) + "\n" for ex in synthetic_hellaswag(12)))
+    run_train(*tiny(data_dir, tmp_path / "with", "--max-steps", 4, "--hellaswag-interval", 2, "--hellaswag-file", hs))
+    evals = [r for r in read_log(tmp_path / "with" / "log.jsonl") if "hellaswag_acc_norm" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4] and all(r["hellaswag_examples"] == 12 for r in evals)
+    assert all(0 <= r["hellaswag_acc_norm"] <= 1 for r in evals)
+    r = run_train(*tiny(data_dir, tmp_path / "without", "--max-steps", 4, "--hellaswag-interval", 2, "--hellaswag-file", tmp_path / "none.jsonl"))
+    assert r.stderr.count("warning: HellaSwag is skipped") == 1
+    assert not any("hellaswag_acc_norm" in rec for rec in read_log(tmp_path / "without" / "log.jsonl"))
