@@ -232,6 +232,7 @@ def main(argv=None):
     if ddp_world_size > 1:
         import torch.distributed as dist
 
+        dist.barrier()  # rank 0 may still be writing: tearing down the group under it would abort it
         dist.destroy_process_group()
 
 

@@ -318,6 +318,7 @@ def main(argv=None):
         raw_model.export_hf(config.export)
         print(f"exported the model to {config.export} (transformers GPT2LMHeadModel format)")
     if ddp:
+        dist.barrier()  # a rank that tore down its process group while rank 0 still wrote would abort the others
         dist.destroy_process_group()
 
 
