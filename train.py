@@ -202,6 +202,42 @@ def prepare_quickstart_data(data_dir):
     downloader.main(["--data-files", corpus, "--out-dir", data_dir, "--prefix", "pydocs", "--shard-size", "50000"])
 
 
+def write_checkpoint(config, raw_model, optimizer, model_config, step, train_loader, val_loss, device):
+    path = os.path.join(config.out_dir, f"ckpt_{step:06d}.pt")
+    save_checkpoint(path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_config=asdict(model_config),
+                               config=asdict(config), step=step, train_loader=train_loader.state_dict(), val_loss=val_loss,
+                               rng=rng_states(device)))
+    for old in list_checkpoints(config.out_dir)[: -config.keep_checkpoints]:
+        os.remove(old)
+    print(f"saved {path}")
+
+
+def load_hellaswag(config, master_process, ddp):
+    """HellaSwag's examples, or None (with one warning) when the file cannot be had."""
+    path = config.hellaswag_file or os.path.join(hellaswag.Config.cache_dir, "hellaswag_val.jsonl")
+    error = None
+    if master_process and not config.hellaswag_file:
+        try:
+            hellaswag.download(hellaswag.Config.cache_dir)  # once, by one process
+        except UserError as e:
+            error = e
+    if ddp:
+        dist.barrier()
+    if not os.path.exists(path):
+        if master_process:
+            print(f"warning: HellaSwag is skipped: {error or f'{path} does not exist'}", file=sys.stderr)
+        return None
+    return hellaswag.load_examples(path, config.hellaswag_limit)
+
+
+def generate_text(raw_model, enc, config, device):
+    prompt = torch.tensor([enc.encode(config.sample_prompt)] * config.num_samples, device=device)
+    generator = torch.Generator(device=device).manual_seed(42)
+    with autocast(device):
+        tokens = raw_model.generate(prompt, config.sample_tokens, top_k=50, generator=generator)
+    return [enc.decode(row[prompt.size(1) :].tolist()) for row in tokens]
+
+
 def main(argv=None):
     config = parse_config(argv)
     device, ddp_rank, ddp_local_rank, ddp_world_size = setup_distributed(config.device)
@@ -320,42 +356,6 @@ def main(argv=None):
     if ddp:
         dist.barrier()  # a rank that tore down its process group while rank 0 still wrote would abort the others
         dist.destroy_process_group()
-
-
-def write_checkpoint(config, raw_model, optimizer, model_config, step, train_loader, val_loss, device):
-    path = os.path.join(config.out_dir, f"ckpt_{step:06d}.pt")
-    save_checkpoint(path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_config=asdict(model_config),
-                               config=asdict(config), step=step, train_loader=train_loader.state_dict(), val_loss=val_loss,
-                               rng=rng_states(device)))
-    for old in list_checkpoints(config.out_dir)[: -config.keep_checkpoints]:
-        os.remove(old)
-    print(f"saved {path}")
-
-
-def load_hellaswag(config, master_process, ddp):
-    """HellaSwag's examples, or None (with one warning) when the file cannot be had."""
-    path = config.hellaswag_file or os.path.join(hellaswag.Config.cache_dir, "hellaswag_val.jsonl")
-    error = None
-    if master_process and not config.hellaswag_file:
-        try:
-            hellaswag.download(hellaswag.Config.cache_dir)  # once, by one process
-        except UserError as e:
-            error = e
-    if ddp:
-        dist.barrier()
-    if not os.path.exists(path):
-        if master_process:
-            print(f"warning: HellaSwag is skipped: {error or f'{path} does not exist'}", file=sys.stderr)
-        return None
-    return hellaswag.load_examples(path, config.hellaswag_limit)
-
-
-def generate_text(raw_model, enc, config, device):
-    prompt = torch.tensor([enc.encode(config.sample_prompt)] * config.num_samples, device=device)
-    generator = torch.Generator(device=device).manual_seed(42)
-    with autocast(device):
-        tokens = raw_model.generate(prompt, config.sample_tokens, top_k=50, generator=generator)
-    return [enc.decode(row[prompt.size(1) :].tolist()) for row in tokens]
 
 
 if __name__ == "__main__":
