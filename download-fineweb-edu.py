@@ -13,7 +13,6 @@ Shards are written atomically and recorded in manifest.json; a killed run starte
 continues after the last finished shard and ends with byte-identical files.
 """
 
-import argparse
 import collections
 import errno
 import glob

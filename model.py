@@ -9,7 +9,6 @@ Parameter names follow transformers (transformer.h.0.attn.c_attn.weight, ...) so
 
 import inspect
 import json
-import math
 import os
 from dataclasses import dataclass
 

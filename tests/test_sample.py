@@ -2,9 +2,7 @@
 
 import io
 import json
-import os
 
-import pytest
 import torch
 
 import model as model_module

@@ -14,7 +14,7 @@ import torch
 
 import train
 from conftest import ROOT, make_docs, run_script
-from utils import UserError, load_checkpoint, read_log, save_checkpoint
+from utils import load_checkpoint, read_log, save_checkpoint
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
