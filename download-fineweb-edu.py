@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from utils import EOT, UserError, config_parser, first_line, get_tokenizer, run_cli, sha256_file
+from utils import EOT, UserError, atomic_write, config_parser, first_line, get_tokenizer, run_cli, sha256_file
 
 MANIFEST = "manifest.json"
 EOT_ARRAY = np.array([EOT], dtype=np.uint32)
@@ -166,12 +166,8 @@ def source_settings(args, files):
 
 
 def write_json_atomic(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_manifest(out_dir, source):
@@ -211,16 +207,10 @@ class ShardWriter:
         index = len(self.manifest["shards"])
         name = f"{self.manifest['source']['prefix']}_{self.split}_{index:06d}.npy"
         path = os.path.join(self.out_dir, name)
-        tmp = os.path.join(self.out_dir, f".{name}.tmp")
         try:
-            with open(tmp, "wb") as f:
+            with atomic_write(path) as f:
                 np.save(f, self.buffer[: self.fill])
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
         except OSError as e:
-            if os.path.exists(tmp):
-                os.remove(tmp)
             what = "disk full" if e.errno == errno.ENOSPC else first_line(e)
             raise UserError(f"{what} while writing {path}: the partial shard was removed, the {index} finished shards and {MANIFEST} are intact") from None
         self.manifest["shards"].append(

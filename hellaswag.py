@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT2_VOCAB_SIZE
-from utils import UserError, autocast, config_parser, get_tokenizer, load_model, run_cli, setup_distributed
+from utils import UserError, atomic_write, autocast, config_parser, get_tokenizer, load_model, run_cli, setup_distributed
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 N_VAL_EXAMPLES = 10_042
@@ -55,15 +55,11 @@ def download(cache_dir):
     if os.path.exists(path):
         return path
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with urllib.request.urlopen(URL, timeout=30) as response, open(tmp, "wb") as f:
+        with urllib.request.urlopen(URL, timeout=30) as response, atomic_write(path) as f:
             f.write(response.read())
     except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise UserError(f"cannot download HellaSwag from {URL} ({e}): with no network, pass a local copy with --data-file") from None
-    os.replace(tmp, path)
     return path
 
 

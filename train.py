@@ -25,8 +25,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
+import sample
 from model import GPT, GPTConfig
-from utils import (ShardedDataLoader, UserError, append_jsonl, autocast, config_parser, get_tokenizer,
+from utils import (ShardedDataLoader, UserError, append_jsonl, atomic_write, autocast, config_parser, get_tokenizer,
                    list_checkpoints, load_checkpoint, load_script, peak_flops, plot_log, run_cli,
                    save_checkpoint, setup_distributed)
 
@@ -194,10 +195,9 @@ def prepare_quickstart_data(data_dir):
     os.makedirs(data_dir, exist_ok=True)
     corpus = os.path.join(data_dir, "python_docs.jsonl")
     if not os.path.exists(corpus):
-        with open(corpus + ".tmp", "w") as f:
+        with atomic_write(corpus, "w") as f:
             for text in python_docs_corpus():
                 f.write(json.dumps(dict(text=text)) + "\n")
-        os.replace(corpus + ".tmp", corpus)
     downloader = load_script("download-fineweb-edu")
     downloader.main(["--data-files", corpus, "--out-dir", data_dir, "--prefix", "pydocs", "--shard-size", "50000"])
 
@@ -231,11 +231,9 @@ def load_hellaswag(config, master_process, ddp):
 
 
 def generate_text(raw_model, enc, config, device):
-    prompt = torch.tensor([enc.encode(config.sample_prompt)] * config.num_samples, device=device)
-    generator = torch.Generator(device=device).manual_seed(42)
-    with autocast(device):
-        tokens = raw_model.generate(prompt, config.sample_tokens, top_k=50, generator=generator)
-    return [enc.decode(row[prompt.size(1) :].tolist()) for row in tokens]
+    """The run's progress samples, drawn exactly as sample.py draws them."""
+    args = sample.Config(prompt=config.sample_prompt, num_samples=config.num_samples, max_new_tokens=config.sample_tokens, top_k=50)
+    return [s["text"] for s in sample.generate_samples(raw_model, enc, args, device)]
 
 
 def main(argv=None):

@@ -3,6 +3,7 @@ What the scripts share: GPT-2's tokenizer, the sharded token loader, and small h
 """
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -69,6 +70,23 @@ def config_parser(config_class, description):
         else:
             parser.add_argument(flag, type=str if f.type in (str, "str") else float, **kw)
     return parser
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Write path through a temporary file beside it: flushed to disk and renamed into place on success, removed on
+    failure. A reader, or a run started after a crash, never sees a half-written file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_script(name):
@@ -351,18 +369,9 @@ CHECKPOINT_NAME = re.compile(r"^ckpt_(\d{6,})\.pt$")
 
 
 def save_checkpoint(path, state):
-    """torch.save to a temporary file, then rename: a crash mid-write leaves the previous checkpoints untouched."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """torch.save through atomic_write: a crash mid-write leaves the previous checkpoints untouched."""
+    with atomic_write(path) as f:
+        torch.save(state, f)
 
 
 def list_checkpoints(out_dir):
@@ -459,7 +468,6 @@ def plot_log(log_path, png_path):
     ax_hella.set_ylabel("accuracy")
     ax_hella.legend()
     fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_write(png_path) as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, png_path)
