@@ -313,7 +313,7 @@ class GPT(nn.Module):
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Pick one token per row from logits (B, vocab_size). temperature 0 means greedy."""
-    logits = logits.float()
+    logits = logits.to(torch.float32, copy=True)  # edited below: never the caller's tensor
     logits[:, GPT2_VOCAB_SIZE:] = float("-inf")  # the padding rows of the vocabulary are not tokens
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
