@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT2_VOCAB_SIZE
-from utils import UserError, atomic_write, autocast, config_parser, get_tokenizer, load_model, run_cli, setup_distributed
+from utils import (UserError, atomic_write, autocast, config_parser, exact_fp32_matmul, get_tokenizer, load_model, run_cli,
+                   setup_distributed, teardown_distributed)
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 N_VAL_EXAMPLES = 10_042
@@ -178,6 +179,7 @@ def predict(example, logprob_sums, n_tokens):
     )
 
 
+@exact_fp32_matmul()  # the same scores inside a training run (which allows TF32) as from this script
 def evaluate(model, examples, device, batch_size=32, ddp_rank=0, ddp_world_size=1):
     """Scores on the examples in both conventions, as fractions. Each rank scores every ddp_world_size-th example;
     the counts are summed over ranks, so the result equals a single process's."""
@@ -225,11 +227,7 @@ def main(argv=None):
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=2)
-    if ddp_world_size > 1:
-        import torch.distributed as dist
-
-        dist.barrier()  # rank 0 may still be writing: tearing down the group under it would abort it
-        dist.destroy_process_group()
+    teardown_distributed()
 
 
 if __name__ == "__main__":

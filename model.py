@@ -19,8 +19,6 @@ from torch.nn import functional as F
 GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 byte tokens + <|endoftext|>
 # Hugging Face's Conv1D stores weights as (in, out); nn.Linear wants (out, in).
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# Dense bf16 tensor-core peak (no sparsity), for MFU.
-PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12}
 
 
 @dataclass
@@ -81,6 +79,9 @@ class CausalSelfAttention(nn.Module):
                 kv_cache.update(layer, k, v)
             # flash attention on CUDA: the (T, T) attention matrix is never materialised
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T == 1:  # one new token, the common case when sampling: it may see every cached key, so no mask
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, pos + 1, hs)
+            y = F.scaled_dot_product_attention(q, k, v)
         else:
             pos = kv_cache.pos
             k, v = kv_cache.update(layer, k, v)  # (B, nh, pos + T, hs)
@@ -320,13 +321,13 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     logits = logits / temperature
     if top_k is not None:
         kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits[logits < kth_largest] = float("-inf")
+        logits.masked_fill_(logits < kth_largest, float("-inf"))  # not logits[mask] = ...: that waits for the GPU
     if top_p is not None and top_p < 1.0:
         # keep the smallest set of most likely tokens whose probabilities add up to top_p
         sorted_logits, sorted_idx = torch.sort(logits, descending=True)
         sorted_probs = F.softmax(sorted_logits, dim=-1)
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the more likely tokens
-        sorted_logits[before >= top_p] = float("-inf")  # the most likely token always stays (before = 0)
+        sorted_logits.masked_fill_(before >= top_p, float("-inf"))  # the most likely token always stays (before = 0)
         logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)

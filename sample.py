@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from utils import EOT, UserError, config_parser, get_tokenizer, load_model, pick_device, run_cli
+from utils import EOT, UserError, config_parser, exact_fp32_matmul, get_tokenizer, load_model, pick_device, run_cli
 
 
 @dataclass
@@ -47,6 +47,7 @@ class StreamPrinter:
         self.printed = text
 
 
+@exact_fp32_matmul()  # the same samples inside a training run (which allows TF32) as from this script
 def generate_samples(model, enc, args, device, stream=None):
     """A list of {prompt, text, tokens} dicts, one per sample."""
     prompt_tokens = enc.encode(args.prompt, allowed_special="all")

@@ -27,9 +27,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import hellaswag
 import sample
 from model import GPT, GPTConfig
-from utils import (ShardedDataLoader, UserError, append_jsonl, atomic_write, autocast, config_parser, get_tokenizer,
-                   list_checkpoints, load_checkpoint, load_script, peak_flops, plot_log, run_cli,
-                   save_checkpoint, setup_distributed)
+from utils import (ShardedDataLoader, UserError, all_ranks_agree, append_jsonl, atomic_write, autocast,
+                   broadcast_from_rank0, config_parser, get_tokenizer, list_checkpoints, load_checkpoint, load_script,
+                   peak_flops, plot_log, run_cli, save_checkpoint, setup_distributed, teardown_distributed)
 
 
 @dataclass
@@ -80,7 +80,7 @@ PRESETS = {
     # larger GPT-2 shapes, with GPT-3's learning rates for their sizes and micro-batches that fit an 80 GB GPU
     "gpt2-350m": dict(n_layer=24, n_head=16, n_embd=1024, micro_batch=32, max_lr=3e-4),
     "gpt2-774m": dict(n_layer=36, n_head=20, n_embd=1280, micro_batch=16, max_lr=2.5e-4),
-    "gpt2-1558m": dict(n_layer=48, n_head=25, n_embd=1600, micro_batch=8, max_lr=2e-4),
+    "gpt2-1558m": dict(n_layer=48, n_head=25, n_embd=1600, micro_batch=16, max_lr=2e-4),
     # for tests on a CPU: 4 micro-batches per step, so it splits over 1, 2 or 4 processes
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, micro_batch=4, seq_len=32, total_batch=512, max_steps=20,
                  warmup_steps=4, max_lr=1e-3, eval_interval=10, val_steps=2, hellaswag_interval=0, sample_interval=10,
@@ -125,12 +125,14 @@ def train_step(model, optimizer, next_batch, grad_accum_steps, device, lr, grad_
     loss_accum = torch.zeros((), device=device)
     for micro_step in range(grad_accum_steps):
         x, y = next_batch()
+        if device.startswith("cuda"):
+            x, y = x.pin_memory(), y.pin_memory()  # page-locked, so the copy is asynchronous: the CPU runs ahead
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if ddp_world_size > 1:
             # all-reduce the gradients only on the last micro-step; must be set before that micro-step's forward
             model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
         with autocast(device):
-            _, loss = model(x, y)
+            loss = model(x, y)[1]  # the logits are not kept: at micro-batch 64 they hold 6.6 GB until the next forward
         loss = loss / grad_accum_steps  # the gradients add up over micro-steps: scale each to get the mean
         loss_accum += loss.detach()
         loss.backward()
@@ -152,7 +154,7 @@ def evaluate_loss(model, loader, steps, device, ddp_world_size=1):
     for _ in range(steps):
         x, y = loader.next_batch()
         with autocast(device):
-            _, loss = model(x.to(device), y.to(device))
+            loss = model(x.to(device), y.to(device))[1]
         loss_accum += loss.detach() / steps
     if ddp_world_size > 1:
         dist.all_reduce(loss_accum, op=dist.ReduceOp.SUM)
@@ -164,16 +166,18 @@ def rng_states(device):
     np_state = np.random.get_state()
     states = dict(python=random.getstate(), numpy=(np_state[0], np_state[1].tolist(), *np_state[2:]), torch=torch.get_rng_state())
     if device.startswith("cuda"):
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state(device)  # this GPU's only: a resume may see fewer or more GPUs
     return states
 
 
 def set_rng_states(states, device):
     random.setstate(states["python"])
     np.random.set_state((states["numpy"][0], np.array(states["numpy"][1], dtype=np.uint32), *states["numpy"][2:]))
-    torch.set_rng_state(states["torch"])
+    torch.set_rng_state(states["torch"].cpu())
     if device.startswith("cuda") and "cuda" in states:
-        torch.cuda.set_rng_state_all(states["cuda"])
+        cuda = states["cuda"]
+        cuda = cuda[0] if isinstance(cuda, (list, tuple)) else cuda  # older checkpoints hold one state per GPU
+        torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
 def newest_good_checkpoint(out_dir):
@@ -212,22 +216,43 @@ def write_checkpoint(config, raw_model, optimizer, model_config, step, train_loa
     print(f"saved {path}")
 
 
-def load_hellaswag(config, master_process, ddp):
-    """HellaSwag's examples, or None (with one warning) when the file cannot be had."""
-    path = config.hellaswag_file or os.path.join(hellaswag.Config.cache_dir, "hellaswag_val.jsonl")
-    error = None
-    if master_process and not config.hellaswag_file:
+def load_hellaswag(config, master_process, device):
+    """HellaSwag's examples on every rank, read (and downloaded once) by rank 0 alone, so that nodes need no shared
+    filesystem; None on every rank, with one warning, when the file cannot be had."""
+    examples = None
+    if master_process:
         try:
-            hellaswag.download(hellaswag.Config.cache_dir)  # once, by one process
+            path = config.hellaswag_file or hellaswag.download(hellaswag.Config.cache_dir)
+            examples = hellaswag.load_examples(path, config.hellaswag_limit)
         except UserError as e:
-            error = e
-    if ddp:
-        dist.barrier()
-    if not os.path.exists(path):
-        if master_process:
-            print(f"warning: HellaSwag is skipped: {error or f'{path} does not exist'}", file=sys.stderr)
-        return None
-    return hellaswag.load_examples(path, config.hellaswag_limit)
+            print(f"warning: HellaSwag is skipped: {e}", file=sys.stderr)
+    return broadcast_from_rank0(examples, device)
+
+
+def fit_micro_batch(config, world_size):
+    """The largest micro-batch up to --micro-batch that divides each process's share of a step into whole micro-steps:
+    a preset then runs on any number of processes that splits --total-batch into whole sequences."""
+    rows_per_process, rest = divmod(config.total_batch, config.seq_len * world_size)
+    if rest or rows_per_process == 0:
+        raise UserError(f"--total-batch {config.total_batch} is not divisible by --seq-len {config.seq_len} x "
+                        f"{world_size} processes = {config.seq_len * world_size}")
+    return max(b for b in range(1, min(config.micro_batch, rows_per_process) + 1) if rows_per_process % b == 0)
+
+
+def check_config(config):
+    for name in ("micro_batch", "seq_len", "total_batch", "n_layer", "n_head", "n_embd"):
+        if getattr(config, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.n_embd % config.n_head != 0:
+        raise UserError(f"--n-embd {config.n_embd} is not divisible by --n-head {config.n_head}")
+
+
+def find_checkpoint(config):
+    """The checkpoint to start from, (path, state) or (None, None); refuses to run over an earlier run unless resumed."""
+    checkpoint_path, checkpoint = newest_good_checkpoint(config.out_dir)
+    if checkpoint is not None and not config.resume:
+        raise UserError(f"{config.out_dir} holds checkpoints of an earlier run: pass --resume to continue it, or choose another --out-dir")
+    return checkpoint_path, checkpoint
 
 
 def generate_text(raw_model, enc, config, device):
@@ -238,39 +263,39 @@ def generate_text(raw_model, enc, config, device):
 
 def main(argv=None):
     config = parse_config(argv)
+    check_config(config)
     device, ddp_rank, ddp_local_rank, ddp_world_size = setup_distributed(config.device)
     ddp = ddp_world_size > 1
     master_process = ddp_rank == 0  # logs, plots, checkpoints, samples
     is_cuda = device.startswith("cuda")
     compile_model = config.compile if config.compile is not None else is_cuda
 
-    tokens_per_micro_step = config.micro_batch * config.seq_len * ddp_world_size
-    if config.total_batch % tokens_per_micro_step != 0:
-        raise UserError(
-            f"--total-batch {config.total_batch} is not divisible by --micro-batch {config.micro_batch} x --seq-len "
-            f"{config.seq_len} x {ddp_world_size} processes = {tokens_per_micro_step}"
-        )
-    grad_accum_steps = config.total_batch // tokens_per_micro_step
-    if config.n_embd % config.n_head != 0:
-        raise UserError(f"--n-embd {config.n_embd} is not divisible by --n-head {config.n_head}")
-    if config.preset == "quickstart" and master_process:
-        prepare_quickstart_data(config.data_dir)
-    if ddp:
-        dist.barrier()  # the data is ready for every rank
-    if not os.path.isdir(config.data_dir):
-        raise UserError(f"data directory {config.data_dir} does not exist: run download-fineweb-edu.py first (or try --preset quickstart)")
+    micro_batch = fit_micro_batch(config, ddp_world_size)
+    if micro_batch != config.micro_batch and master_process:
+        print(f"note: --micro-batch {config.micro_batch} does not split {config.total_batch:,} tokens over "
+              f"{ddp_world_size} processes x {config.seq_len} tokens: using micro-batch {micro_batch}")
+    requested_micro_batch, config.micro_batch = config.micro_batch, micro_batch
+    grad_accum_steps = config.total_batch // (config.micro_batch * config.seq_len * ddp_world_size)
 
-    checkpoint_path, checkpoint = newest_good_checkpoint(config.out_dir)
-    if checkpoint is not None and not config.resume:
-        raise UserError(f"{config.out_dir} holds checkpoints of an earlier run: pass --resume to continue it, or choose another --out-dir")
+    if config.preset == "quickstart":  # on every node (one process each): nodes need no shared filesystem
+        all_ranks_agree(lambda: prepare_quickstart_data(config.data_dir) if ddp_local_rank == 0 else None)
+
+    def open_data():  # each node reads its own copy of the shards
+        if not os.path.isdir(config.data_dir):
+            raise UserError(f"data directory {config.data_dir} does not exist: run download-fineweb-edu.py first (or try --preset quickstart)")
+        train_loader = ShardedDataLoader(config.data_dir, "train", config.micro_batch, config.seq_len, ddp_rank, ddp_world_size,
+                                         shuffle=config.shuffle, seed=config.seed)
+        val_loader = ShardedDataLoader(config.data_dir, "val", config.micro_batch, config.seq_len, ddp_rank, ddp_world_size)
+        return train_loader, val_loader
+
+    train_loader, val_loader = all_ranks_agree(open_data)
+    # rank 0 reads the checkpoint and every rank gets it from rank 0: the other nodes need not see rank 0's disk
+    checkpoint_path, checkpoint = all_ranks_agree(lambda: find_checkpoint(config) if master_process else (None, None))
+    checkpoint_path, checkpoint = broadcast_from_rank0((checkpoint_path, checkpoint), device)
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     if is_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the fp32 matmuls outside autocast
-        torch.backends.cudnn.allow_tf32 = True
-    train_loader = ShardedDataLoader(config.data_dir, "train", config.micro_batch, config.seq_len, ddp_rank, ddp_world_size,
-                                     shuffle=config.shuffle, seed=config.seed)
-    val_loader = ShardedDataLoader(config.data_dir, "val", config.micro_batch, config.seq_len, ddp_rank, ddp_world_size)
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls outside autocast (not in evaluation)
     model_config = GPTConfig(block_size=config.seq_len, n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)
     model = GPT(model_config).to(device)
     optimizer = model.configure_optimizers(config.weight_decay, config.max_lr, (config.beta1, config.beta2), "cuda" if is_cuda else device, config.eps)
@@ -281,7 +306,7 @@ def main(argv=None):
             raise UserError(f"{checkpoint_path} was trained with another model shape or --total-batch: resume with the same settings")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        train_loader.load_state_dict(checkpoint["train_loader"])
+        all_ranks_agree(lambda: train_loader.load_state_dict(checkpoint["train_loader"]))
         set_rng_states(checkpoint["rng"], device)
         start_step = checkpoint["step"]
         del checkpoint
@@ -296,7 +321,7 @@ def main(argv=None):
     peak = peak_flops(device)
     if master_process:
         if start_step == 0:
-            resolved = {**asdict(config), "device": device, "compile": compile_model}
+            resolved = {**asdict(config), "device": device, "compile": compile_model, "micro_batch_requested": requested_micro_batch}
             append_jsonl(log_path, dict(event="config", **resolved, world_size=ddp_world_size, grad_accum_steps=grad_accum_steps,
                                         n_params=raw_model.num_params()))
         else:
@@ -304,7 +329,7 @@ def main(argv=None):
         print(f"{raw_model.num_params():,} parameters | {ddp_world_size} x {device} | {config.total_batch:,} tokens/step = "
               f"{config.micro_batch} x {config.seq_len} x {ddp_world_size} x {grad_accum_steps} grad accum | steps {start_step}..{config.max_steps}")
 
-    hellaswag_examples = load_hellaswag(config, master_process, ddp) if config.hellaswag_interval > 0 else None
+    hellaswag_examples = load_hellaswag(config, master_process, device) if config.hellaswag_interval > 0 else None
     enc = get_tokenizer()
     val_loss = None
     for step in range(start_step, config.max_steps + 1):
@@ -351,9 +376,7 @@ def main(argv=None):
     if master_process and config.export:
         raw_model.export_hf(config.export)
         print(f"exported the model to {config.export} (transformers GPT2LMHeadModel format)")
-    if ddp:
-        dist.barrier()  # a rank that tore down its process group while rank 0 still wrote would abort the others
-        dist.destroy_process_group()
+    teardown_distributed()
 
 
 if __name__ == "__main__":

@@ -5,12 +5,24 @@
 #   ./train.sh                                     # the reference GPT-2 124M run on all local GPUs
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 ./train.sh   # on node 0; NODE_RANK=1 on node 1
 #
-# NGPU=N overrides the detected GPU count; TRAIN_SH_DRY_RUN=1 prints the command instead of running it.
+# GPUs are counted with nvidia-smi, limited to those CUDA_VISIBLE_DEVICES shows; NGPU=N overrides the count.
+# TRAIN_SH_DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 if [[ -z "${NGPU:-}" ]]; then
     NGPU=$( (nvidia-smi --list-gpus 2>/dev/null || true) | grep -c "^GPU" || true)
+    if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
+        # CUDA shows this process only the GPUs listed there, up to the first invalid entry (-1 or empty: none)
+        visible=0
+        IFS=',' read -ra ids <<< "$CUDA_VISIBLE_DEVICES"
+        for id in "${ids[@]}"; do
+            id="${id// /}"
+            [[ -z "$id" || "$id" == -* ]] && break
+            visible=$((visible + 1))
+        done
+        (( visible < NGPU )) && NGPU=$visible
+    fi
 fi
 
 if [[ "$NGPU" -ge 1 ]]; then

@@ -38,6 +38,10 @@ def run_cli(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # after an error: torch warns about a group left behind
 
 
 def parse_count(text):
@@ -320,13 +324,24 @@ def python_docs_corpus():
 # devices and distributed runs
 
 def pick_device(device="auto"):
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """The device to run on: "auto" picks CUDA, then MPS, then the CPU; one asked for by name must be there."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
+        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto")
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise UserError(f"device {device!r}: no CUDA GPU is visible to torch {torch.__version__} ({build}); use --device cpu")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"device {device!r}: only {torch.cuda.device_count()} CUDA GPUs are visible")
+    if kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError(f"device {device!r}: Apple's MPS is not available here; use --device cpu")
+    return device
 
 
 def setup_distributed(device="auto"):
@@ -335,24 +350,113 @@ def setup_distributed(device="auto"):
     device = pick_device(device)
     if "RANK" not in os.environ:
         return device, 0, 0, 1
+    import datetime
+
     import torch.distributed as dist
 
     ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    kwargs = dict(backend="gloo")
     if device.startswith("cuda"):
         device = f"cuda:{ddp_local_rank}"
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        kwargs = dict(backend="nccl", device_id=torch.device(device))  # binds the communicator to this rank's GPU
+    # the other ranks wait at the next collective while rank 0 writes a checkpoint (19 GB for gpt2-1558m)
+    dist.init_process_group(timeout=datetime.timedelta(minutes=30), **kwargs)
     return device, ddp_rank, ddp_local_rank, ddp_world_size
 
 
+def teardown_distributed():
+    """Leave the process group, if one was started (also by a 1-process torchrun): after a barrier, since a rank that
+    tore its group down while rank 0 still wrote would abort the others."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_ranks_agree(fn):
+    """fn() on every rank. If it raises a UserError on any rank, every rank raises it (naming the rank): a rank that
+    stopped alone would leave the others waiting in their next collective."""
+    import torch.distributed as dist
+
+    try:
+        result, error = fn(), None
+    except UserError as e:
+        result, error = None, str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+        if failed:
+            rank, e = failed[0]
+            raise UserError(e if rank == dist.get_rank() or error == e else f"rank {rank}: {e}")
+    elif error is not None:
+        raise UserError(error)
+    return result
+
+
+def broadcast_from_rank0(obj, device):
+    """Rank 0's obj (nested dicts, lists and tuples of tensors and plain values) on every rank, so that nothing rank 0
+    read from its disk has to be on the others' (nodes need no shared filesystem). The structure travels pickled, each
+    tensor on its own through the process group, onto device: no rank builds a second copy of a checkpoint in RAM."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    tensors = []
+
+    def skeleton(x):
+        if isinstance(x, torch.Tensor):
+            tensors.append(x)
+            return ("__tensor__", len(tensors) - 1, tuple(x.shape), x.dtype)
+        if isinstance(x, dict):
+            return {k: skeleton(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(skeleton(v) for v in x)
+        return x
+
+    holder = [skeleton(obj) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(holder, src=0, device=torch.device(device) if device.startswith("cuda") else None)
+    comm_device = device if dist.get_backend() == "nccl" else "cpu"
+
+    def fill(x):
+        if isinstance(x, tuple) and len(x) == 4 and x[0] == "__tensor__":
+            _, i, shape, dtype = x
+            t = tensors[i].to(comm_device) if dist.get_rank() == 0 else torch.empty(shape, dtype=dtype, device=comm_device)
+            dist.broadcast(t, src=0)
+            return t
+        if isinstance(x, dict):
+            return {k: fill(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(fill(v) for v in x)
+        return x
+
+    return fill(holder[0])
+
+
+# Dense bf16 tensor-core peak (no sparsity) per GPU, for MFU, from the vendors' datasheets; the first name that
+# device_name contains wins, so the specific variants come before the general ones. Unknown cards get no MFU.
+PEAK_BF16_FLOPS = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100 80GB HBM3", 989e12),  # H100 SXM
+    ("H100 SXM", 989e12),
+    ("GH200", 989e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # H200 SXM
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("RTX 4090", 165e12),
+]
+
+
 def peak_flops(device):
-    """The GPU's dense bf16 peak (FLOP/s) for MFU, or None when it is not in model.PEAK_BF16_FLOPS."""
+    """The GPU's dense bf16 peak (FLOP/s) for MFU, or None on a CPU or a card not in PEAK_BF16_FLOPS."""
     if not device.startswith("cuda"):
         return None
-    from model import PEAK_BF16_FLOPS
-
     name = torch.cuda.get_device_name(device)
-    return next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
+    return next((flops for gpu, flops in PEAK_BF16_FLOPS if gpu in name), None)
 
 
 def autocast(device):
@@ -360,6 +464,18 @@ def autocast(device):
     if device.startswith("cuda"):
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return torch.autocast(device_type="cpu", enabled=False)
+
+
+@contextlib.contextmanager
+def exact_fp32_matmul():
+    """fp32 matmuls in full fp32, whatever the caller set (training may allow TF32): evaluation and sampling then
+    give the same numbers inside a training run as in a script of their own."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -384,7 +500,7 @@ def list_checkpoints(out_dir):
 
 def load_checkpoint(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # pages read as needed, shared by processes
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # truncated or foreign files fail in the unpickler with many exception types

@@ -211,7 +211,12 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp
 
 def test_errors_are_one_line(data_dir, tmp_path):
     cases = [
-        (tiny(data_dir, tmp_path / "a", "--total-batch", 500), "error: --total-batch 500 is not divisible by --micro-batch 4 x --seq-len 32 x 1 processes = 128"),
+        (tiny(data_dir, tmp_path / "a", "--total-batch", 500), "error: --total-batch 500 is not divisible by --seq-len 32 x 1 processes = 32"),
+        (tiny(data_dir, tmp_path / "e", "--micro-batch", 0), "error: --micro-batch must be at least 1, got 0"),
+        (tiny(data_dir, tmp_path / "f", "--seq-len", -5), "error: --seq-len must be at least 1, got -5"),
+        (tiny(data_dir, tmp_path / "g", "--n-head", 0), "error: --n-head must be at least 1, got 0"),
+        (tiny(data_dir, tmp_path / "h", "--device", "cuda"), "error: device 'cuda': no CUDA GPU is visible"),
+        (tiny(data_dir, tmp_path / "i", "--device", "tpu"), "error: unknown device 'tpu': use cpu, cuda, cuda:N, mps or auto"),
         (tiny(tmp_path / "nowhere", tmp_path / "b"), f"error: data directory {tmp_path / 'nowhere'} does not exist: run download-fineweb-edu.py first"),
         (tiny(data_dir, tmp_path / "c", "--n-embd", 100, "--n-head", 3), "error: --n-embd 100 is not divisible by --n-head 3"),
         (["--preset", "huge"], "train.py: error: unknown --preset 'huge'"),

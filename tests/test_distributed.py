@@ -1,0 +1,335 @@
+"""GPU boxes and clusters, simulated on the CPU: any world size, resume on other GPU counts, nodes without a shared
+filesystem, train.sh's GPU count, memory on resume, evaluation precision, process-group hygiene."""
+
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from conftest import ROOT, make_docs, run_script
+from utils import load_checkpoint, read_log, save_checkpoint
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    stream = np.concatenate(make_docs(3000))
+    np.save(d / "t_val_000000.npy", stream[:5000])
+    np.save(d / "t_train_000001.npy", stream[5000:])
+    return d
+
+
+@pytest.fixture(scope="module")
+def hellaswag_file(tmp_path_factory):
+    from bench import synthetic_hellaswag
+
+    path = tmp_path_factory.mktemp("hellaswag") / "hellaswag.jsonl"
+    path.write_text("".join(json.dumps(ex) + "\n" for ex in synthetic_hellaswag(10)))
+    return path
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_losses(out_dir):
+    return {r["step"]: r["train_loss"] for r in read_log(os.path.join(out_dir, "log.jsonl")) if "train_loss" in r}
+
+
+def log_records(out_dir):
+    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# any world size
+
+
+def test_quickstart_on_two_processes_shrinks_the_micro_batch_and_logs_the_losses_of_one(tmp_path):
+    # the quick start's 2,048-token step is 16 rows: 16 x 128 x 2 processes does not divide it, 8 x 128 x 2 does
+    args = ["--preset", "quickstart", "--data-dir", tmp_path / "data", "--max-steps", 3, "--eval-interval", 0,
+            "--sample-interval", 0, "--checkpoint-interval", 0]
+    r = run_script("train.py", *args, "--out-dir", tmp_path / "one", timeout=600)
+    assert r.returncode == 0, r.stderr
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "train.py"), *map(str, args), "--out-dir", tmp_path / "two"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "note: --micro-batch 16 does not split 2,048 tokens over 2 processes x 128 tokens: using micro-batch 8" in r.stdout
+    config = log_records(tmp_path / "two")[0]
+    assert (config["micro_batch"], config["micro_batch_requested"], config["grad_accum_steps"], config["world_size"]) == (8, 16, 1, 2)
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [0, 1, 2] and all(abs(one[s] - two[s]) < 1e-4 for s in one)
+
+
+def test_the_micro_batch_fits_every_world_size_that_splits_the_batch_into_whole_sequences():
+    config = train.parse_config(["--preset", "gpt2-124m"])  # 512 rows of 1024 tokens per step, micro-batch 64
+    assert [train.fit_micro_batch(config, w) for w in (1, 2, 4, 8, 16, 64)] == [64, 64, 64, 64, 32, 8]
+    assert train.fit_micro_batch(train.parse_config(["--preset", "gpt2-124m", "--micro-batch", "48"]), 1) == 32  # divides 512
+    with pytest.raises(train.UserError, match="--total-batch 524288 is not divisible by --seq-len 1024 x 3 processes"):
+        train.fit_micro_batch(config, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# resume on another number of GPUs
+
+
+def test_resume_restores_this_gpus_rng_state_whatever_the_number_of_gpus(monkeypatch):
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.full((8,), int(str(device)[-1]), dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.update({str(device): state.clone()}))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saves a state for every GPU of the box"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("needs as many GPUs as at save time"))
+    states = train.rng_states("cuda:3")  # rank 0 of a box, on GPU 3
+    assert torch.equal(states["cuda"], torch.full((8,), 3, dtype=torch.uint8))
+    train.set_rng_states(states, "cuda:0")  # resumed under CUDA_VISIBLE_DEVICES=0
+    assert list(restored) == ["cuda:0"] and torch.equal(restored["cuda:0"], states["cuda"])
+    # a checkpoint written by the first version, one state per GPU of an 8-GPU box, resumed on a 1-GPU box
+    restored.clear()
+    train.set_rng_states(dict(states, cuda=[torch.full((8,), i, dtype=torch.uint8) for i in range(8)]), "cuda")
+    assert list(restored) == ["cuda"] and torch.equal(restored["cuda"], torch.zeros(8, dtype=torch.uint8))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# nodes without a shared filesystem: two "nodes" on loopback, each in its own copy of the repo
+
+
+def node_copies(tmp_path, data_dir, with_data=(True, True)):
+    """Two copies of the repo's scripts, each with its own data (or none) and nothing else in common."""
+    nodes = []
+    for rank, has_data in enumerate(with_data):
+        node = tmp_path / f"node{rank}"
+        node.mkdir()
+        for name in os.listdir(ROOT):
+            if name.endswith(".py") or name == "train.sh":
+                shutil.copy(os.path.join(ROOT, name), node / name)
+        if has_data:
+            shutil.copytree(data_dir, node / "data")
+        nodes.append(node)
+    return nodes
+
+
+def run_two_nodes(nodes, *args, timeout=180):
+    """torchrun on each node (one process each), run from the node's own copy; returns (exit codes, seconds, output)."""
+    port = free_port()
+    procs, logs = [], []
+    t0 = time.time()
+    for rank, node in enumerate(nodes):
+        cmd = [*TORCHRUN, "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "train.py", *map(str, args)]
+        logs.append(open(node / "node.log", "w"))
+        procs.append(subprocess.Popen(cmd, cwd=node, stdout=logs[-1], stderr=subprocess.STDOUT))
+    while time.time() - t0 < timeout and any(p.poll() is None for p in procs):
+        time.sleep(0.1)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    codes = [p.wait() for p in procs]
+    for log in logs:
+        log.close()
+    return codes, time.time() - t0, "".join((node / "node.log").read_text() for node in nodes)
+
+
+def tiny(data, out, *extra):
+    return ["--preset", "tiny", "--device", "cpu", "--data-dir", data, "--out-dir", out, "--max-steps", 8,
+            "--checkpoint-interval", 4, "--eval-interval", 4, "--sample-interval", 0, *extra]
+
+
+def test_two_nodes_without_a_shared_filesystem_evaluate_hellaswag_and_resume(data_dir, hellaswag_file, tmp_path):
+    nodes = node_copies(tmp_path, data_dir)
+    shutil.copy(hellaswag_file, nodes[0] / "hellaswag.jsonl")  # node 0 alone has the HellaSwag file
+    args = tiny("data", "out", "--hellaswag-interval", 4, "--hellaswag-file", "hellaswag.jsonl")
+    codes, _, output = run_two_nodes(nodes, *args)
+    assert codes == [0, 0], output
+    assert "HellaSwag is skipped" not in output
+    one = tmp_path / "one"
+    r = run_script("train.py", *tiny(data_dir, one, "--hellaswag-interval", 4, "--hellaswag-file", hellaswag_file))
+    assert r.returncode == 0, r.stderr
+    evals = [rec for rec in read_log(nodes[0] / "out" / "log.jsonl") if "hellaswag_acc" in rec]
+    alone = [rec for rec in read_log(one / "log.jsonl") if "hellaswag_acc" in rec]
+    assert [e["step"] for e in evals] == [0, 4, 8] and all(e["hellaswag_examples"] == 10 for e in evals)
+    keys = ("hellaswag_acc", "hellaswag_acc_norm", "hellaswag_harness_acc", "hellaswag_harness_acc_norm")
+    assert [[e[k] for k in keys] for e in evals] == [[e[k] for k in keys] for e in alone]  # examples split over nodes
+    straight = train_losses(nodes[0] / "out")
+    assert sorted(straight) == list(range(8)) and not list((nodes[1] / "out").glob("ckpt_*"))
+
+    # a crash after the step-4 checkpoint: node 0 holds it, node 1 holds nothing; both must resume at step 4
+    (nodes[0] / "out" / "ckpt_000008.pt").unlink()
+    codes, _, output = run_two_nodes(nodes, *args, "--resume")
+    assert codes == [0, 0], output
+    resumes = [rec for rec in log_records(nodes[0] / "out") if rec.get("event") == "resume"]
+    assert [rec["step"] for rec in resumes] == [4]
+    assert train_losses(nodes[0] / "out") == straight  # steps 4-7 again, the same losses
+
+
+def test_an_error_on_one_node_stops_every_node_at_once(data_dir, tmp_path):
+    nodes = node_copies(tmp_path, data_dir, with_data=(True, False))  # node 1 was never given the shards
+    codes, seconds, output = run_two_nodes(nodes, *tiny("data", "out"))
+    assert codes[0] != 0 and codes[1] != 0, output
+    assert "error: rank 1: data directory data does not exist" in (nodes[0] / "node.log").read_text(), output
+    assert seconds < 60  # not the 30-minute collective timeout
+
+    shutil.copytree(data_dir, nodes[1] / "data")
+    codes, _, output = run_two_nodes(nodes, *tiny("data", "out", "--max-steps", 4))
+    assert codes == [0, 0], output
+    codes, seconds, output = run_two_nodes(nodes, *tiny("data", "out", "--max-steps", 4))  # node 0's out dir holds a run: refused
+    assert codes[0] != 0 and codes[1] != 0 and seconds < 60, output
+    assert "holds checkpoints of an earlier run: pass --resume" in (nodes[1] / "node.log").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train.sh counts the GPUs this process may use
+
+
+def test_train_sh_counts_only_the_gpus_cuda_visible_devices_shows(tmp_path, monkeypatch):
+    for key in ("NGPU", "NNODES", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(key, raising=False)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\n" + "".join(f'echo "GPU {i}: NVIDIA H100 80GB HBM3"\n' for i in range(8)))
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", TRAIN_SH_DRY_RUN="1")
+
+    def command(**extra):
+        r = subprocess.run([os.path.join(ROOT, "train.sh")], capture_output=True, text=True, env=dict(env, **extra))
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    assert command() == "torchrun --standalone --nproc_per_node 8 train.py"
+    assert command(CUDA_VISIBLE_DEVICES="0,1") == "torchrun --standalone --nproc_per_node 2 train.py"
+    assert command(CUDA_VISIBLE_DEVICES="6") == "torchrun --standalone --nproc_per_node 1 train.py"
+    assert command(CUDA_VISIBLE_DEVICES="0,3,-1,5") == "torchrun --standalone --nproc_per_node 2 train.py"  # CUDA stops at -1
+    assert command(CUDA_VISIBLE_DEVICES="") == "python train.py"
+    assert command(CUDA_VISIBLE_DEVICES="-1") == "python train.py"
+    assert command(CUDA_VISIBLE_DEVICES="0,1", NGPU="4") == "torchrun --standalone --nproc_per_node 4 train.py"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# memory and precision
+
+
+def resident_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_loading_a_checkpoint_maps_the_file_instead_of_reading_it_into_memory(tmp_path):
+    path = str(tmp_path / "ckpt_000001.pt")
+    save_checkpoint(path, dict(model={"w": torch.arange(64 * 2**20, dtype=torch.int32)}, step=1))  # 256 MiB
+    before = resident_bytes()
+    checkpoint = load_checkpoint(path)
+    grown = resident_bytes() - before
+    assert grown < 32 * 2**20, f"loading grew resident memory by {grown / 2**20:.0f} MiB"
+    assert checkpoint["step"] == 1 and checkpoint["model"]["w"][-1].item() == 64 * 2**20 - 1  # pages read on demand
+
+
+def test_evaluation_and_sampling_use_full_fp32_matmuls_even_inside_training(tiny_checkpoint, monkeypatch):
+    import hellaswag
+    import sample
+    from bench import synthetic_hellaswag
+    from model import GPT
+    from utils import get_tokenizer, load_model
+
+    seen = []
+    real_score_rows, real_stream = hellaswag.score_rows, GPT.generate_stream
+
+    def score_rows(*args, **kwargs):
+        seen.append(("hellaswag", torch.get_float32_matmul_precision()))
+        return real_score_rows(*args, **kwargs)
+
+    def generate_stream(self, *args, **kwargs):
+        for token in real_stream(self, *args, **kwargs):
+            seen.append(("sample", torch.get_float32_matmul_precision()))
+            yield token
+
+    monkeypatch.setattr(hellaswag, "score_rows", score_rows)
+    monkeypatch.setattr(GPT, "generate_stream", generate_stream)
+    model = load_model(str(tiny_checkpoint()))
+    torch.set_float32_matmul_precision("high")  # what train.py sets on CUDA: TF32
+    try:
+        hellaswag.evaluate(model, synthetic_hellaswag(4), "cpu")
+        sample.generate_samples(model, get_tokenizer(), sample.Config(num_samples=1, max_new_tokens=3), "cpu")
+        after = torch.get_float32_matmul_precision()
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert seen == [("hellaswag", "highest")] + [("sample", "highest")] * 3
+    assert after == "high"  # the caller's setting is given back
+
+
+def test_a_micro_step_lets_go_of_the_previous_logits_before_the_next_forward():
+    alive_at_forward, logits_refs = [], []
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, y):
+            alive_at_forward.append(any(ref() is not None for ref in logits_refs))
+            logits = x.float() * self.w  # (B, T): its backward keeps x, not the logits
+            logits_refs.append(weakref.ref(logits))
+            return logits, logits.mean()
+
+    model = Model()
+    batch = lambda: (torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long))  # noqa: E731
+    train.train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), batch, 3, "cpu", 0.1, 1.0)
+    assert alive_at_forward == [False, False, False]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# process groups and MFU
+
+
+def test_setup_distributed_binds_nccl_to_the_rank_gpu_with_a_long_timeout(monkeypatch):
+    import torch.distributed as dist
+
+    from utils import setup_distributed
+
+    calls = {}
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.update(set_device=device))
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.update(init=kw))
+    assert setup_distributed("auto") == ("cuda:1", 3, 1, 4)
+    assert calls["set_device"] == "cuda:1"
+    assert calls["init"]["backend"] == "nccl" and calls["init"]["device_id"] == torch.device("cuda:1")
+    assert calls["init"]["timeout"] >= datetime.timedelta(minutes=30)  # rank 0 may be writing a 19 GB checkpoint
+
+
+def test_a_one_process_torchrun_run_leaves_no_process_group_behind(data_dir, tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
+    train.main(["--preset", "tiny", "--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "out"),
+                "--max-steps", "2", "--sample-interval", "0"])
+    assert not dist.is_initialized()
+
+
+def test_mfu_uses_each_cards_own_peak_and_none_for_unknown_cards(monkeypatch):
+    from utils import peak_flops
+
+    cards = {
+        "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12, "NVIDIA H200": 989e12,
+        "NVIDIA GH200 480GB": 989e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12,
+        "NVIDIA L40S": 362e12, "NVIDIA GeForce RTX 4090": 165e12, "NVIDIA GeForce RTX 3060": None, "Tesla T4": None,
+    }
+    for name, peak in cards.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert peak_flops("cuda") == peak, name
+    assert peak_flops("cpu") is None
