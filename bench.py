@@ -1,6 +1,7 @@
 """
 Benchmarks that compare variants side by side in one run and print the ratios.
 
+    python bench.py gpu --out report.json        # the GPU path end to end (--device cpu --quick: small, on a CPU)
     python bench.py tokenize            # download-fineweb-edu.py vs the common nanoGPT-style tokenizing loop
     python bench.py hellaswag           # hellaswag.py vs a plain one-example-per-forward scorer, small model on CPU
     python bench.py train --compare-compile --micro-batches 32,64     # GPT-2 124M train step on the GPU: tokens/s, MFU
@@ -10,10 +11,12 @@ Benchmarks that compare variants side by side in one run and print the ratios.
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 
@@ -21,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils import EOT, autocast, get_tokenizer, load_script, python_docs_corpus, run_cli
+from utils import (EOT, ROOT, ShardedDataLoader, UserError, atomic_write, autocast, first_line, get_tokenizer, load_script,
+                   peak_flops, pick_device, python_docs_corpus, read_log, run_cli)
 
 def synthetic_hellaswag(n, seed=0):
     """HellaSwag-format examples of random words, with the WikiHow markup ([title], [step], double spaces) that the
@@ -309,6 +313,276 @@ def bench_tokenize(args):
         print(f"{name:>10} {t:8.2f} {n_tokens / t / 1e6:7.2f}")
     print(f"tokenize speedup: {best['baseline'] / best['ours']:.2f}x over the nanoGPT-style loop ({n_tokens:,} tokens, best of {args.repeats})")
 
+# ----------------------------------------------------------------------------------------------------------------
+# the GPU path, end to end: one prepared run that writes report.json
+
+TARGET_TOKENS_PER_SEC = 600_000  # GPT-2 124M on one H100: about 52% MFU
+PARITY_TOLERANCE = 0.05  # nats: the first 20 train losses in bf16 on the device against fp32 on the CPU
+RESUME_TOLERANCE = 1e-3  # nats: resumed losses against the uninterrupted run's (CUDA kernels with atomics vary)
+MEMORY_LIMIT_GIB = 76  # reserved by PyTorch: what an 80 GB card (79.6 GiB) leaves a process, with room to spare
+
+
+def measure_train_steps(device, shape, seq_len, micro_batch, grad_accum_steps, compile_model, data_dir, steps, warmup):
+    """train.py's step (loader, bf16 autocast, accumulation, clipping, fused AdamW) on a fresh model: the time of each
+    step, the first loss and peak memory. The first step includes compilation."""
+    import train
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    if compile_model:
+        torch._dynamo.reset()  # compile afresh for this shape, as a new run would
+    with torch.device(device):  # built on the device: large models initialise in seconds, not minutes
+        model = GPT(GPTConfig(block_size=seq_len, **shape))
+    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.split(":")[0])
+    run_model = torch.compile(model) if compile_model else model
+    loader = ShardedDataLoader(data_dir, "train", micro_batch, seq_len)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times, losses = [], []
+    for _ in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss, norm = train.train_step(run_model, optimizer, loader.next_batch, grad_accum_steps, device, 6e-4, 1.0)
+        losses.append(loss.item())  # the step's one sync, as in train.py
+        times.append(time.perf_counter() - t0)
+    peak = {}
+    if device.startswith("cuda"):
+        peak = dict(peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30, reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30)
+    del model, optimizer, run_model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return times, losses, peak
+
+
+def check_reference_step(device, quick, data_dir):
+    """GPT-2 124M, T=1024, bf16, compiled, micro-batch 64 and 32, against the same step uncompiled."""
+    from model import GPT, GPTConfig
+
+    shape, seq_len = (dict(n_layer=2, n_head=2, n_embd=64), 64) if quick else (dict(n_layer=12, n_head=12, n_embd=768), 1024)
+    micro_batches = (8, 4) if quick else (64, 32)
+    total_batch = micro_batches[0] * seq_len * 4  # 4 micro-steps at the larger micro-batch
+    steps, warmup = (2, 1) if quick else (5, 3)
+    flops_model = GPT(GPTConfig(block_size=seq_len, **shape))
+    peak_flops_per_sec = peak_flops(device)
+    variants = []
+    for micro_batch, compile_model in [(micro_batches[0], True), (micro_batches[0], False), (micro_batches[1], True)]:
+        grad_accum_steps = total_batch // (micro_batch * seq_len)
+        times, losses, memory = measure_train_steps(device, shape, seq_len, micro_batch, grad_accum_steps, compile_model,
+                                                    data_dir, steps, warmup)
+        step_s = float(np.median(times[warmup:]))
+        tokens_per_sec = total_batch / step_s
+        variants.append(dict(micro_batch=micro_batch, compiled=compile_model, step_ms=1000 * step_s, tokens_per_sec=tokens_per_sec,
+                             mfu=flops_model.estimate_mfu(tokens_per_sec, seq_len, peak_flops_per_sec) if peak_flops_per_sec else None,
+                             first_step_s=times[0], compile_s=times[0] - step_s if compile_model else None,
+                             first_loss=losses[0], losses_finite=all(math.isfinite(x) for x in losses), **memory))
+    best = variants[0]
+    eager = variants[1]
+    return dict(ok=all(v["losses_finite"] for v in variants) and abs(best["first_loss"] - eager["first_loss"]) < 0.01,
+                tokens_per_sec=best["tokens_per_sec"], mfu=best["mfu"], compile_speedup=best["tokens_per_sec"] / eager["tokens_per_sec"],
+                target_tokens_per_sec=TARGET_TOKENS_PER_SEC, meets_target=best["tokens_per_sec"] >= TARGET_TOKENS_PER_SEC,
+                total_batch=total_batch, seq_len=seq_len, variants=variants)
+
+
+def run_train(argv, log_path):
+    """train.py's main in this process, its output into log_path."""
+    import contextlib
+
+    import train
+
+    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        train.main(argv)
+
+
+def train_losses(out_dir):
+    return {r["step"]: r["train_loss"] for r in read_log(os.path.join(out_dir, "log.jsonl")) if "train_loss" in r}
+
+
+def check_parity_and_resume(device, quick, data_dir, tmp):
+    """The tiny preset through train.py on the device (compiled there, bf16 on CUDA) against fp32 on the CPU; then the
+    same run killed with SIGKILL after a checkpoint and resumed; then the in-training HellaSwag against hellaswag.py."""
+    import hellaswag
+    import subprocess
+
+    from utils import load_model
+
+    hellaswag_file = os.path.join(tmp, "hellaswag_small.jsonl")
+    with open(hellaswag_file, "w") as f:
+        f.writelines(json.dumps(ex) + "\n" for ex in synthetic_hellaswag(64 if quick else 256, seed=1))
+    common = ["--preset", "tiny", "--data-dir", data_dir, "--checkpoint-interval", "5", "--hellaswag-interval", "20",
+              "--hellaswag-file", hellaswag_file]
+    runs = {name: os.path.join(tmp, name) for name in ("device", "cpu", "killed")}
+    run_train([*common, "--device", device, "--out-dir", runs["device"]], os.path.join(tmp, "device.log"))
+    run_train([*common, "--device", "cpu", "--out-dir", runs["cpu"]], os.path.join(tmp, "cpu.log"))
+    on_device, on_cpu = train_losses(runs["device"]), train_losses(runs["cpu"])
+    parity = max(abs(on_device[s] - on_cpu[s]) for s in on_cpu)
+    checks = [dict(name="short_run_parity", ok=sorted(on_device) == sorted(on_cpu) == list(range(20)) and parity <= PARITY_TOLERANCE,
+                   max_abs_diff=parity, tolerance=PARITY_TOLERANCE, device_losses=[on_device[s] for s in sorted(on_device)],
+                   cpu_losses=[on_cpu[s] for s in sorted(on_cpu)])]
+
+    argv = [sys.executable, os.path.join(ROOT, "train.py"), *common, "--device", device, "--out-dir", runs["killed"]]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    with open(os.path.join(tmp, "killed.log"), "w") as log:
+        for line in proc.stdout:  # killed the moment it reports its step-10 checkpoint, as a crash would hit it
+            log.write(line)
+            if line.startswith("saved") and line.rstrip().endswith("ckpt_000010.pt"):
+                proc.kill()
+                break
+    proc.kill()
+    proc.wait()
+    killed_at = max(train_losses(runs["killed"]), default=None)
+    run_train([*common, "--device", device, "--out-dir", runs["killed"], "--resume"], os.path.join(tmp, "killed.log"))
+    resumed = train_losses(runs["killed"])
+    diffs = [abs(resumed[s] - on_device[s]) for s in on_device if s in resumed]
+    checks.append(dict(name="kill_and_resume", ok=sorted(resumed) == list(range(20)) and killed_at is not None and killed_at < 19
+                       and max(diffs) <= RESUME_TOLERANCE, killed_after_step=killed_at, max_abs_diff=max(diffs),
+                       bitwise_equal=max(diffs) == 0.0, tolerance=RESUME_TOLERANCE))
+
+    in_training = {k[len("hellaswag_"):]: v for k, v in read_log(os.path.join(runs["device"], "log.jsonl"))[-1].items()
+                   if k.startswith("hellaswag_")}
+    model = load_model(os.path.join(runs["device"], "ckpt_000020.pt"), device)
+    standalone = hellaswag.evaluate(model, hellaswag.load_examples(hellaswag_file), device, 32)
+    checks.append(dict(name="hellaswag_in_training_equals_hellaswag_py", ok=in_training == standalone,
+                       in_training=in_training, hellaswag_py=standalone))
+    return checks
+
+
+def check_hellaswag(device, quick, tmp):
+    """A full 10,042-example HellaSwag pass of GPT-2 124M (random weights: synthetic examples need no network)."""
+    import hellaswag
+    from model import GPT, GPTConfig
+
+    n = 200 if quick else hellaswag.N_VAL_EXAMPLES
+    shape = dict(n_layer=2, n_head=2, n_embd=64) if quick else dict(n_layer=12, n_head=12, n_embd=768)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GPT(GPTConfig(**shape)).eval()
+    examples = synthetic_hellaswag(n)
+    get_tokenizer()
+    t0 = time.perf_counter()
+    results = hellaswag.evaluate(model, examples, device, 32)
+    seconds = time.perf_counter() - t0
+    ok = results["examples"] == n and all(0 <= results[k] <= 1 for k in ("acc", "acc_norm", "harness_acc", "harness_acc_norm"))
+    return dict(ok=ok, seconds=seconds, examples_per_sec=n / seconds, target_seconds=30, **results)
+
+
+def check_sampling(device, quick):
+    """sample.py's generation (KV cache) with GPT-2 124M: tokens/s, beside generation without the cache."""
+    import sample
+    from model import GPT, GPTConfig
+
+    shape = dict(n_layer=2, n_head=2, n_embd=64) if quick else dict(n_layer=12, n_head=12, n_embd=768)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GPT(GPTConfig(**shape)).eval()
+    args = sample.Config(num_samples=4, max_new_tokens=32 if quick else 256, top_k=50)
+    enc = get_tokenizer()
+    sample.generate_samples(model, enc, sample.Config(num_samples=1, max_new_tokens=8), device)  # warm-up
+    t0 = time.perf_counter()
+    samples = sample.generate_samples(model, enc, args, device)
+    cached = time.perf_counter() - t0
+    idx = torch.tensor([enc.encode(args.prompt)], device=device)
+    t0 = time.perf_counter()
+    for new in model.generate_stream(idx, args.max_new_tokens, top_k=50, use_cache=False):
+        int(new[0, 0])  # each token to the host, as sample.py streams it
+    uncached = (time.perf_counter() - t0) * args.num_samples  # one sample without the cache, scaled to all
+    n_tokens = args.num_samples * args.max_new_tokens
+    return dict(ok=all(len(s["tokens"]) == args.max_new_tokens for s in samples), tokens=n_tokens,
+                tokens_per_sec=n_tokens / cached, uncached_tokens_per_sec=n_tokens / uncached, cache_speedup=uncached / cached)
+
+
+def check_larger_presets(device, quick, data_dir):
+    """One optimizer step of each larger preset at its own micro-batch (uncompiled: compiled steps take less memory)."""
+    import train
+
+    results = []
+    for preset in ("gpt2-350m", "gpt2-774m", "gpt2-1558m"):
+        c = train.parse_config(["--preset", preset])
+        shape = dict(n_layer=1 if quick else c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
+        micro_batch, seq_len = (1, 64) if quick else (c.micro_batch, c.seq_len)
+        try:
+            _, losses, memory = measure_train_steps(device, shape, seq_len, micro_batch, 1, False, data_dir, 1, 0)
+            fits = math.isfinite(losses[0]) and memory.get("reserved_gib", 0) <= MEMORY_LIMIT_GIB
+            results.append(dict(preset=preset, micro_batch=micro_batch, ok=fits, loss=losses[0], **memory))
+        except torch.OutOfMemoryError as e:
+            results.append(dict(preset=preset, micro_batch=micro_batch, ok=False, error=f"out of memory: {first_line(e)}"))
+            torch.cuda.empty_cache()
+    return dict(ok=all(r["ok"] for r in results), memory_limit_gib=MEMORY_LIMIT_GIB, presets=results)
+
+
+def write_pydocs_shards(data_dir):
+    """Python's documentation (English text, no download) as a val and a train shard."""
+    os.makedirs(data_dir, exist_ok=True)
+    docs = get_tokenizer().encode_ordinary_batch(python_docs_corpus())
+    tokens = np.concatenate([np.array([EOT, *doc], dtype=np.uint16) for doc in docs])
+    np.save(os.path.join(data_dir, "pydocs_val_000000.npy"), tokens[:50_000])
+    np.save(os.path.join(data_dir, "pydocs_train_000001.npy"), tokens[50_000:])
+
+
+def bench_gpu(args):
+    import datetime
+    import traceback
+
+    device = pick_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    report = dict(device=name, device_arg=device, quick=args.quick, date=datetime.date.today().isoformat(), torch=torch.__version__,
+                  cuda=torch.version.cuda, tokens_per_sec=None, mfu=None, checks=[])
+    t_start = time.time()
+
+    def record(check):
+        report["checks"].append(check)
+        report["seconds"] = time.time() - t_start
+        with atomic_write(args.out, "w") as f:  # after every check: a run cut short still leaves what it measured
+            json.dump(report, f, indent=2)
+        figures = {k: v for k, v in check.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        print(f"[{'ok' if check['ok'] else 'FAIL'}] {check['name']}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()), flush=True)
+
+    def run(name, fn, *fn_args):
+        t0 = time.time()
+        try:
+            out = fn(*fn_args)
+        except Exception as e:  # one broken check must not cost the others: the report says what went wrong
+            traceback.print_exc()
+            out = dict(ok=False, error=f"{type(e).__name__}: {first_line(e)[:500]}")
+        for check in out if isinstance(out, list) else [dict(name=name, **out)]:
+            check.setdefault("seconds", time.time() - t0)
+            record(check)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.work_dir:
+            tmp = args.work_dir
+            os.makedirs(tmp, exist_ok=True)
+        data_dir = os.path.join(tmp, "data")
+        write_pydocs_shards(data_dir)
+        run("reference_step", check_reference_step, device, args.quick, data_dir)
+        ref = report["checks"][-1]
+        report.update(tokens_per_sec=ref.get("tokens_per_sec"), mfu=ref.get("mfu"))
+        run("parity_and_resume", check_parity_and_resume, device, args.quick, data_dir, tmp)
+        run("hellaswag_full_pass", check_hellaswag, device, args.quick, tmp)
+        run("sample_kv_cache", check_sampling, device, args.quick)
+        run("larger_presets_fit", check_larger_presets, device, args.quick, data_dir)
+    report["seconds"] = time.time() - t_start
+    with atomic_write(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(gpu_summary(report))
+    if not all(c["ok"] for c in report["checks"]):
+        raise UserError(f"{sum(not c['ok'] for c in report['checks'])} checks failed: see {args.out}")
+
+
+def gpu_summary(report):
+    lines = [f"{report['device']} ({report['date']}, torch {report['torch']}): {len(report['checks'])} checks in {report['seconds']:.0f} s"]
+    for c in report["checks"]:
+        lines.append(f"  {'ok  ' if c['ok'] else 'FAIL'} {c['name']}" + (f": {c['error']}" if "error" in c else ""))
+    ref = next((c for c in report["checks"] if c["name"] == "reference_step" and "variants" in c), None)
+    if ref:
+        lines.append(f"  {'micro':>5} {'compiled':>8} {'ms/step':>8} {'tokens/s':>10} {'MFU':>6} {'compile s':>9} {'peak GiB':>8}")
+        for v in ref["variants"]:
+            mfu = f"{100 * v['mfu']:5.1f}%" if v["mfu"] else "     -"
+            compile_s = f"{v['compile_s']:9.1f}" if v["compile_s"] is not None else "        -"
+            lines.append(f"  {v['micro_batch']:>5} {str(v['compiled']):>8} {v['step_ms']:8.1f} {v['tokens_per_sec']:10,.0f} {mfu} "
+                         f"{compile_s} {v.get('peak_memory_gib', 0):8.1f}")
+    return "\n".join(lines)
+
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -332,13 +606,19 @@ def main():
     tr.add_argument("--rounds", type=int, default=2)
     tr.add_argument("--micro-batches", default="", help="comma-separated micro-batch sizes to compare (default: the preset's)")
     tr.add_argument("--compare-compile", action="store_true", help="also run with torch.compile toggled")
+    g = sub.add_parser("gpu", help="the GPU path end to end: train step speed, parity, resume, HellaSwag, sampling, "
+                                   "large presets; writes a JSON report")
+    g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
+    g.add_argument("--out", default="report.json", help="the JSON report (written after every check)")
+    g.add_argument("--quick", action="store_true", help="the same checks with small shapes (minutes on a CPU)")
+    g.add_argument("--work-dir", default="", help="keep the runs' logs, checkpoints and data here (default: a temporary dir)")
     args, rest = p.parse_known_args()
     if args.bench != "train" and rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.bench == "train":
         bench_train(args, rest)
     else:
-        {"tokenize": bench_tokenize, "hellaswag": bench_hellaswag}[args.bench](args)
+        {"tokenize": bench_tokenize, "hellaswag": bench_hellaswag, "gpu": bench_gpu}[args.bench](args)
 
 
 if __name__ == "__main__":
