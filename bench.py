@@ -24,8 +24,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils import (EOT, ROOT, ShardedDataLoader, UserError, atomic_write, autocast, first_line, get_tokenizer, load_script,
-                   peak_flops, pick_device, python_docs_corpus, read_log, run_cli)
+from utils import (
+    EOT,
+    ROOT,
+    ShardedDataLoader,
+    UserError,
+    atomic_write,
+    autocast,
+    first_line,
+    get_tokenizer,
+    load_script,
+    peak_flops,
+    pick_device,
+    python_docs_corpus,
+    read_log,
+    run_cli,
+)
+
+
+def device_name(device):
+    return (
+        torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    )
+
 
 def synthetic_hellaswag(n, seed=0):
     """HellaSwag-format examples of random words, with the WikiHow markup ([title], [step], double spaces) that the
@@ -43,9 +64,21 @@ def synthetic_hellaswag(n, seed=0):
         ctx_a = text(30, 90) + " [title] How to " + text(2, 4) + "." if wikihow else text(6, 20)
         ctx_b = text(0, 8) + rng.choice(["", "  " + text(1, 3), " [step] " + text(2, 4)])
         lo, hi = (15, 45) if wikihow else (6, 20)
-        endings = [text(lo, hi) + rng.choice([".", " [substeps] " + text(2, 5) + ".", "  " + text(1, 4)]) for _ in range(4)]
-        examples.append(dict(ind=i, activity_label=text(1, 3).capitalize(), ctx_a=ctx_a, ctx_b=ctx_b,
-                             ctx=(ctx_a + " " + ctx_b).strip(), endings=endings, label=rng.randrange(4), split="val"))
+        endings = [
+            text(lo, hi) + rng.choice([".", " [substeps] " + text(2, 5) + ".", "  " + text(1, 4)]) for _ in range(4)
+        ]
+        examples.append(
+            dict(
+                ind=i,
+                activity_label=text(1, 3).capitalize(),
+                ctx_a=ctx_a,
+                ctx_b=ctx_b,
+                ctx=(ctx_a + " " + ctx_b).strip(),
+                endings=endings,
+                label=rng.randrange(4),
+                split="val",
+            )
+        )
     return examples
 
 
@@ -86,7 +119,6 @@ def baseline_hellaswag(model, path, device):
 def bench_hellaswag(args):
     import hellaswag
     from model import GPT, GPTConfig
-
     from utils import pick_device
 
     device = pick_device(args.device)
@@ -110,17 +142,22 @@ def bench_hellaswag(args):
     if not device.startswith("cuda"):  # in bf16 a near-tie may break the other way
         assert results["acc_norm"] == plain_acc_norm, (results["acc_norm"], plain_acc_norm)
     best = {name: min(t) for name, t in times.items()}
-    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
-    print(f"model: {config}, {model.num_params() / 1e6:.1f}M params; {args.examples} examples on {where}")
+    print(f"model: {config}, {model.num_params() / 1e6:.1f}M params; {args.examples} examples on {device_name(device)}")
     print(f"{'':>14} {'seconds':>8} {'examples/s':>11}  conventions")
     print(f"{'plain scorer':>14} {best['plain scorer']:8.2f} {args.examples / best['plain scorer']:11.1f}  completion")
-    print(f"{'hellaswag.py':>14} {best['hellaswag.py']:8.2f} {args.examples / best['hellaswag.py']:11.1f}  completion + harness")
-    print(f"hellaswag speedup: {best['plain scorer'] / best['hellaswag.py']:.2f}x over the plain scorer "
-          f"(acc_norm {results['acc_norm']:.4f}, plain scorer {plain_acc_norm:.4f})")
+    print(
+        f"{'hellaswag.py':>14} {best['hellaswag.py']:8.2f} {args.examples / best['hellaswag.py']:11.1f}"
+        "  completion + harness"
+    )
+    print(
+        f"hellaswag speedup: {best['plain scorer'] / best['hellaswag.py']:.2f}x over the plain scorer "
+        f"(acc_norm {results['acc_norm']:.4f}, plain scorer {plain_acc_norm:.4f})"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # training steps
+
 
 def nanogpt_loop(model, optimizer, bin_path, config, device, grad_accum_steps, n_steps):
     """nanoGPT's train.py hot loop, as written there: a fresh np.memmap per batch, random offsets, torch.stack of
@@ -150,7 +187,7 @@ def nanogpt_loop(model, optimizer, bin_path, config, device, grad_accum_steps, n
         lr = train.get_lr(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for micro_step in range(grad_accum_steps):
+        for _ in range(grad_accum_steps):
             with autocast(device):
                 logits, loss = model(X, Y)
                 loss = loss / grad_accum_steps
@@ -174,7 +211,9 @@ def our_loop(model, optimizer, loader, config, device, grad_accum_steps, n_steps
     times = []
     for step in range(n_steps):
         t0 = time.time()
-        loss, norm = train.train_step(model, optimizer, loader.next_batch, grad_accum_steps, device, train.get_lr(step, config), config.grad_clip)
+        loss, norm = train.train_step(
+            model, optimizer, loader.next_batch, grad_accum_steps, device, train.get_lr(step, config), config.grad_clip
+        )
         loss.item(), norm.item()
         times.append(time.time() - t0)
     return times
@@ -193,7 +232,9 @@ def bench_train(args, train_argv):
         torch.backends.cudnn.allow_tf32 = True
     micro_batches = [int(b) for b in args.micro_batches.split(",")] if args.micro_batches else [config.micro_batch]
     compiles = [base_compile, not base_compile] if args.compare_compile else [base_compile]
-    variants = [("train.py", mb, c) for c in compiles for mb in micro_batches] + [("nanoGPT loop", config.micro_batch, base_compile)]
+    variants = [("train.py", mb, c) for c in compiles for mb in micro_batches] + [
+        ("nanoGPT loop", config.micro_batch, base_compile)
+    ]
     peak = peak_flops(device)
     n_steps = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,18 +243,26 @@ def bench_train(args, train_argv):
         tokens = rng.integers(0, 50257, n_tokens, dtype=np.uint16)
         np.save(os.path.join(tmp, "synthetic_train_000001.npy"), tokens)
         tokens.tofile(os.path.join(tmp, "train.bin"))  # nanoGPT's format: raw uint16
-        print(f"{config.preset}: {config.n_layer} layers, {config.n_embd} wide, {config.total_batch:,} tokens/step, "
-              f"seq_len {config.seq_len}, on {device} ({torch.cuda.get_device_name(device) if device.startswith('cuda') else f'{torch.get_num_threads()} threads'})")
+        print(
+            f"{config.preset}: {config.n_layer} layers, {config.n_embd} wide, {config.total_batch:,} tokens/step, "
+            f"seq_len {config.seq_len}, on {device} ({device_name(device)})"
+        )
         print(f"{'loop':>14} {'micro':>6} {'compile':>8} {'ms/step':>9} {'tokens/s':>11} {'MFU':>6}")
         results = {}
-        for rounds in range(args.rounds):  # alternate the variants, so that drifting machine speed hits all of them
+        for _ in range(args.rounds):  # alternate the variants, so that drifting machine speed hits all of them
             for name, micro_batch, compile_model in variants:
                 if config.total_batch % (micro_batch * config.seq_len):
                     continue
                 grad_accum_steps = config.total_batch // (micro_batch * config.seq_len)
                 torch.manual_seed(config.seed)
-                model = GPT(GPTConfig(block_size=config.seq_len, n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)).to(device)
-                optimizer = model.configure_optimizers(config.weight_decay, config.max_lr, (config.beta1, config.beta2), device.split(":")[0], config.eps)
+                model = GPT(
+                    GPTConfig(
+                        block_size=config.seq_len, n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd
+                    )
+                ).to(device)
+                optimizer = model.configure_optimizers(
+                    config.weight_decay, config.max_lr, (config.beta1, config.beta2), device.split(":")[0], config.eps
+                )
                 run_model = torch.compile(model) if compile_model else model
                 variant = dict(config.__dict__, micro_batch=micro_batch)
                 vconfig = type(config)(**variant)
@@ -221,12 +270,16 @@ def bench_train(args, train_argv):
                     loader = ShardedDataLoader(tmp, "train", micro_batch, config.seq_len)
                     times = our_loop(run_model, optimizer, loader, vconfig, device, grad_accum_steps, n_steps)
                 else:
-                    times = nanogpt_loop(run_model, optimizer, os.path.join(tmp, "train.bin"), vconfig, device, grad_accum_steps, n_steps)
+                    times = nanogpt_loop(
+                        run_model, optimizer, os.path.join(tmp, "train.bin"), vconfig, device, grad_accum_steps, n_steps
+                    )
                 results.setdefault((name, micro_batch, compile_model), []).extend(times[args.warmup :])
                 del model, optimizer, run_model
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()
-        flops_model = GPT(GPTConfig(block_size=config.seq_len, n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd))
+        flops_model = GPT(
+            GPTConfig(block_size=config.seq_len, n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)
+        )
         for (name, micro_batch, compile_model), times in results.items():
             dt = float(np.median(times))
             tps = config.total_batch / dt
@@ -234,11 +287,15 @@ def bench_train(args, train_argv):
             print(f"{name:>14} {micro_batch:>6} {str(compile_model):>8} {dt * 1000:9.1f} {tps:11,.0f} {mfu}")
         ours = float(np.median(results[("train.py", config.micro_batch, base_compile)]))
         theirs = float(np.median(results[("nanoGPT loop", config.micro_batch, base_compile)]))
-        print(f"train.py step vs nanoGPT loop: {theirs / ours:.2f}x tokens/s (median of {args.steps} steps x {args.rounds} rounds)")
+        print(
+            f"train.py step vs nanoGPT loop: {theirs / ours:.2f}x tokens/s "
+            f"(median of {args.steps} steps x {args.rounds} rounds)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # tokenizing
+
 
 def write_corpus(path, min_tokens, seed=0):
     """A jsonl corpus of at least min_tokens GPT-2 tokens: Python's own docs, paragraphs reshuffled in each copy."""
@@ -306,12 +363,20 @@ def bench_tokenize(args):
                 else:
                     downloader.main(["--data-files", corpus, "--out-dir", out, "--shard-size", str(args.shard_size)])
                 times[name].append(time.perf_counter() - t0)
-        n_tokens = sum(len(np.load(os.path.join(tmp, "ours", f), mmap_mode="r")) for f in os.listdir(os.path.join(tmp, "ours")) if f.endswith(".npy"))
+        n_tokens = sum(
+            len(np.load(os.path.join(tmp, "ours", f), mmap_mode="r"))
+            for f in os.listdir(os.path.join(tmp, "ours"))
+            if f.endswith(".npy")
+        )
     best = {name: min(t) for name, t in times.items()}
     print(f"{'':>10} {'seconds':>8} {'Mtok/s':>7}")
     for name, t in best.items():
         print(f"{name:>10} {t:8.2f} {n_tokens / t / 1e6:7.2f}")
-    print(f"tokenize speedup: {best['baseline'] / best['ours']:.2f}x over the nanoGPT-style loop ({n_tokens:,} tokens, best of {args.repeats})")
+    print(
+        f"tokenize speedup: {best['baseline'] / best['ours']:.2f}x over the nanoGPT-style loop "
+        f"({n_tokens:,} tokens, best of {args.repeats})"
+    )
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # the GPU path, end to end: one prepared run that writes report.json
@@ -347,7 +412,10 @@ def measure_train_steps(device, shape, seq_len, micro_batch, grad_accum_steps, c
         times.append(time.perf_counter() - t0)
     peak = {}
     if device.startswith("cuda"):
-        peak = dict(peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30, reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30)
+        peak = dict(
+            peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30,
+            reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30,
+        )
     del model, optimizer, run_model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -358,7 +426,9 @@ def check_reference_step(device, quick, data_dir):
     """GPT-2 124M, T=1024, bf16, compiled, micro-batch 64 and 32, against the same step uncompiled."""
     from model import GPT, GPTConfig
 
-    shape, seq_len = (dict(n_layer=2, n_head=2, n_embd=64), 64) if quick else (dict(n_layer=12, n_head=12, n_embd=768), 1024)
+    shape, seq_len = (
+        (dict(n_layer=2, n_head=2, n_embd=64), 64) if quick else (dict(n_layer=12, n_head=12, n_embd=768), 1024)
+    )
     micro_batches = (8, 4) if quick else (64, 32)
     total_batch = micro_batches[0] * seq_len * 4  # 4 micro-steps at the larger micro-batch
     steps, warmup = (2, 1) if quick else (5, 3)
@@ -367,20 +437,40 @@ def check_reference_step(device, quick, data_dir):
     variants = []
     for micro_batch, compile_model in [(micro_batches[0], True), (micro_batches[0], False), (micro_batches[1], True)]:
         grad_accum_steps = total_batch // (micro_batch * seq_len)
-        times, losses, memory = measure_train_steps(device, shape, seq_len, micro_batch, grad_accum_steps, compile_model,
-                                                    data_dir, steps, warmup)
+        times, losses, memory = measure_train_steps(
+            device, shape, seq_len, micro_batch, grad_accum_steps, compile_model, data_dir, steps, warmup
+        )
         step_s = float(np.median(times[warmup:]))
         tokens_per_sec = total_batch / step_s
-        variants.append(dict(micro_batch=micro_batch, compiled=compile_model, step_ms=1000 * step_s, tokens_per_sec=tokens_per_sec,
-                             mfu=flops_model.estimate_mfu(tokens_per_sec, seq_len, peak_flops_per_sec) if peak_flops_per_sec else None,
-                             first_step_s=times[0], compile_s=times[0] - step_s if compile_model else None,
-                             first_loss=losses[0], losses_finite=all(math.isfinite(x) for x in losses), **memory))
+        variants.append(
+            dict(
+                micro_batch=micro_batch,
+                compiled=compile_model,
+                step_ms=1000 * step_s,
+                tokens_per_sec=tokens_per_sec,
+                mfu=flops_model.estimate_mfu(tokens_per_sec, seq_len, peak_flops_per_sec)
+                if peak_flops_per_sec
+                else None,
+                first_step_s=times[0],
+                compile_s=times[0] - step_s if compile_model else None,
+                first_loss=losses[0],
+                losses_finite=all(math.isfinite(x) for x in losses),
+                **memory,
+            )
+        )
     best = variants[0]
     eager = variants[1]
-    return dict(ok=all(v["losses_finite"] for v in variants) and abs(best["first_loss"] - eager["first_loss"]) < 0.01,
-                tokens_per_sec=best["tokens_per_sec"], mfu=best["mfu"], compile_speedup=best["tokens_per_sec"] / eager["tokens_per_sec"],
-                target_tokens_per_sec=TARGET_TOKENS_PER_SEC, meets_target=best["tokens_per_sec"] >= TARGET_TOKENS_PER_SEC,
-                total_batch=total_batch, seq_len=seq_len, variants=variants)
+    return dict(
+        ok=all(v["losses_finite"] for v in variants) and abs(best["first_loss"] - eager["first_loss"]) < 0.01,
+        tokens_per_sec=best["tokens_per_sec"],
+        mfu=best["mfu"],
+        compile_speedup=best["tokens_per_sec"] / eager["tokens_per_sec"],
+        target_tokens_per_sec=TARGET_TOKENS_PER_SEC,
+        meets_target=best["tokens_per_sec"] >= TARGET_TOKENS_PER_SEC,
+        total_batch=total_batch,
+        seq_len=seq_len,
+        variants=variants,
+    )
 
 
 def run_train(argv, log_path):
@@ -400,27 +490,46 @@ def train_losses(out_dir):
 def check_parity_and_resume(device, quick, data_dir, tmp):
     """The tiny preset through train.py on the device (compiled there, bf16 on CUDA) against fp32 on the CPU; then the
     same run killed with SIGKILL after a checkpoint and resumed; then the in-training HellaSwag against hellaswag.py."""
-    import hellaswag
     import subprocess
 
+    import hellaswag
     from utils import load_model
 
     hellaswag_file = os.path.join(tmp, "hellaswag_small.jsonl")
     with open(hellaswag_file, "w") as f:
         f.writelines(json.dumps(ex) + "\n" for ex in synthetic_hellaswag(64 if quick else 256, seed=1))
-    common = ["--preset", "tiny", "--data-dir", data_dir, "--checkpoint-interval", "5", "--hellaswag-interval", "20",
-              "--hellaswag-file", hellaswag_file]
+    common = [
+        "--preset",
+        "tiny",
+        "--data-dir",
+        data_dir,
+        "--checkpoint-interval",
+        "5",
+        "--hellaswag-interval",
+        "20",
+        "--hellaswag-file",
+        hellaswag_file,
+    ]
     runs = {name: os.path.join(tmp, name) for name in ("device", "cpu", "killed")}
     run_train([*common, "--device", device, "--out-dir", runs["device"]], os.path.join(tmp, "device.log"))
     run_train([*common, "--device", "cpu", "--out-dir", runs["cpu"]], os.path.join(tmp, "cpu.log"))
     on_device, on_cpu = train_losses(runs["device"]), train_losses(runs["cpu"])
     parity = max(abs(on_device[s] - on_cpu[s]) for s in on_cpu)
-    checks = [dict(name="short_run_parity", ok=sorted(on_device) == sorted(on_cpu) == list(range(20)) and parity <= PARITY_TOLERANCE,
-                   max_abs_diff=parity, tolerance=PARITY_TOLERANCE, device_losses=[on_device[s] for s in sorted(on_device)],
-                   cpu_losses=[on_cpu[s] for s in sorted(on_cpu)])]
+    checks = [
+        dict(
+            name="short_run_parity",
+            ok=sorted(on_device) == sorted(on_cpu) == list(range(20)) and parity <= PARITY_TOLERANCE,
+            max_abs_diff=parity,
+            tolerance=PARITY_TOLERANCE,
+            device_losses=[on_device[s] for s in sorted(on_device)],
+            cpu_losses=[on_cpu[s] for s in sorted(on_cpu)],
+        )
+    ]
 
     argv = [sys.executable, os.path.join(ROOT, "train.py"), *common, "--device", device, "--out-dir", runs["killed"]]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1")
+    )
     with open(os.path.join(tmp, "killed.log"), "w") as log:
         for line in proc.stdout:  # killed the moment it reports its step-10 checkpoint, as a crash would hit it
             log.write(line)
@@ -433,16 +542,35 @@ def check_parity_and_resume(device, quick, data_dir, tmp):
     run_train([*common, "--device", device, "--out-dir", runs["killed"], "--resume"], os.path.join(tmp, "killed.log"))
     resumed = train_losses(runs["killed"])
     diffs = [abs(resumed[s] - on_device[s]) for s in on_device if s in resumed]
-    checks.append(dict(name="kill_and_resume", ok=sorted(resumed) == list(range(20)) and killed_at is not None and killed_at < 19
-                       and max(diffs) <= RESUME_TOLERANCE, killed_after_step=killed_at, max_abs_diff=max(diffs),
-                       bitwise_equal=max(diffs) == 0.0, tolerance=RESUME_TOLERANCE))
+    checks.append(
+        dict(
+            name="kill_and_resume",
+            ok=sorted(resumed) == list(range(20))
+            and killed_at is not None
+            and killed_at < 19
+            and max(diffs) <= RESUME_TOLERANCE,
+            killed_after_step=killed_at,
+            max_abs_diff=max(diffs),
+            bitwise_equal=max(diffs) == 0.0,
+            tolerance=RESUME_TOLERANCE,
+        )
+    )
 
-    in_training = {k[len("hellaswag_"):]: v for k, v in read_log(os.path.join(runs["device"], "log.jsonl"))[-1].items()
-                   if k.startswith("hellaswag_")}
+    in_training = {
+        k[len("hellaswag_") :]: v
+        for k, v in read_log(os.path.join(runs["device"], "log.jsonl"))[-1].items()
+        if k.startswith("hellaswag_")
+    }
     model = load_model(os.path.join(runs["device"], "ckpt_000020.pt"), device)
     standalone = hellaswag.evaluate(model, hellaswag.load_examples(hellaswag_file), device, 32)
-    checks.append(dict(name="hellaswag_in_training_equals_hellaswag_py", ok=in_training == standalone,
-                       in_training=in_training, hellaswag_py=standalone))
+    checks.append(
+        dict(
+            name="hellaswag_in_training_equals_hellaswag_py",
+            ok=in_training == standalone,
+            in_training=in_training,
+            hellaswag_py=standalone,
+        )
+    )
     return checks
 
 
@@ -461,7 +589,9 @@ def check_hellaswag(device, quick, tmp):
     t0 = time.perf_counter()
     results = hellaswag.evaluate(model, examples, device, 32)
     seconds = time.perf_counter() - t0
-    ok = results["examples"] == n and all(0 <= results[k] <= 1 for k in ("acc", "acc_norm", "harness_acc", "harness_acc_norm"))
+    ok = results["examples"] == n and all(
+        0 <= results[k] <= 1 for k in ("acc", "acc_norm", "harness_acc", "harness_acc_norm")
+    )
     return dict(ok=ok, seconds=seconds, examples_per_sec=n / seconds, target_seconds=30, **results)
 
 
@@ -486,8 +616,13 @@ def check_sampling(device, quick):
         int(new[0, 0])  # each token to the host, as sample.py streams it
     uncached = (time.perf_counter() - t0) * args.num_samples  # one sample without the cache, scaled to all
     n_tokens = args.num_samples * args.max_new_tokens
-    return dict(ok=all(len(s["tokens"]) == args.max_new_tokens for s in samples), tokens=n_tokens,
-                tokens_per_sec=n_tokens / cached, uncached_tokens_per_sec=n_tokens / uncached, cache_speedup=uncached / cached)
+    return dict(
+        ok=all(len(s["tokens"]) == args.max_new_tokens for s in samples),
+        tokens=n_tokens,
+        tokens_per_sec=n_tokens / cached,
+        uncached_tokens_per_sec=n_tokens / uncached,
+        cache_speedup=uncached / cached,
+    )
 
 
 def check_larger_presets(device, quick, data_dir):
@@ -504,7 +639,9 @@ def check_larger_presets(device, quick, data_dir):
             fits = math.isfinite(losses[0]) and memory.get("reserved_gib", 0) <= MEMORY_LIMIT_GIB
             results.append(dict(preset=preset, micro_batch=micro_batch, ok=fits, loss=losses[0], **memory))
         except torch.OutOfMemoryError as e:
-            results.append(dict(preset=preset, micro_batch=micro_batch, ok=False, error=f"out of memory: {first_line(e)}"))
+            results.append(
+                dict(preset=preset, micro_batch=micro_batch, ok=False, error=f"out of memory: {first_line(e)}")
+            )
             torch.cuda.empty_cache()
     return dict(ok=all(r["ok"] for r in results), memory_limit_gib=MEMORY_LIMIT_GIB, presets=results)
 
@@ -523,9 +660,18 @@ def bench_gpu(args):
     import traceback
 
     device = pick_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    report = dict(device=name, device_arg=device, quick=args.quick, date=datetime.date.today().isoformat(), torch=torch.__version__,
-                  cuda=torch.version.cuda, tokens_per_sec=None, mfu=None, checks=[])
+    name = device_name(device)
+    report = dict(
+        device=name,
+        device_arg=device,
+        quick=args.quick,
+        date=datetime.date.today().isoformat(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        tokens_per_sec=None,
+        mfu=None,
+        checks=[],
+    )
     t_start = time.time()
 
     def record(check):
@@ -534,7 +680,11 @@ def bench_gpu(args):
         with atomic_write(args.out, "w") as f:  # after every check: a run cut short still leaves what it measured
             json.dump(report, f, indent=2)
         figures = {k: v for k, v in check.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        print(f"[{'ok' if check['ok'] else 'FAIL'}] {check['name']}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()), flush=True)
+        print(
+            f"[{'ok' if check['ok'] else 'FAIL'}] {check['name']}: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()),
+            flush=True,
+        )
 
     def run(name, fn, *fn_args):
         t0 = time.time()
@@ -569,29 +719,41 @@ def bench_gpu(args):
 
 
 def gpu_summary(report):
-    lines = [f"{report['device']} ({report['date']}, torch {report['torch']}): {len(report['checks'])} checks in {report['seconds']:.0f} s"]
+    lines = [
+        f"{report['device']} ({report['date']}, torch {report['torch']}): "
+        f"{len(report['checks'])} checks in {report['seconds']:.0f} s"
+    ]
     for c in report["checks"]:
         lines.append(f"  {'ok  ' if c['ok'] else 'FAIL'} {c['name']}" + (f": {c['error']}" if "error" in c else ""))
     ref = next((c for c in report["checks"] if c["name"] == "reference_step" and "variants" in c), None)
     if ref:
-        lines.append(f"  {'micro':>5} {'compiled':>8} {'ms/step':>8} {'tokens/s':>10} {'MFU':>6} {'compile s':>9} {'peak GiB':>8}")
+        lines.append(
+            f"  {'micro':>5} {'compiled':>8} {'ms/step':>8} {'tokens/s':>10} {'MFU':>6} {'compile s':>9} "
+            f"{'peak GiB':>8}"
+        )
         for v in ref["variants"]:
             mfu = f"{100 * v['mfu']:5.1f}%" if v["mfu"] else "     -"
             compile_s = f"{v['compile_s']:9.1f}" if v["compile_s"] is not None else "        -"
-            lines.append(f"  {v['micro_batch']:>5} {str(v['compiled']):>8} {v['step_ms']:8.1f} {v['tokens_per_sec']:10,.0f} {mfu} "
-                         f"{compile_s} {v.get('peak_memory_gib', 0):8.1f}")
+            lines.append(
+                f"  {v['micro_batch']:>5} {str(v['compiled']):>8} {v['step_ms']:8.1f} "
+                f"{v['tokens_per_sec']:10,.0f} {mfu} "
+                f"{compile_s} {v.get('peak_memory_gib', 0):8.1f}"
+            )
     return "\n".join(lines)
-
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="bench", required=True)
     t = sub.add_parser("tokenize", help="download-fineweb-edu.py against the nanoGPT-style loop on a local corpus")
-    t.add_argument("--tokens", type=lambda s: int(float(s)), default=10_000_000, help="corpus size in tokens (at least)")
+    t.add_argument(
+        "--tokens", type=lambda s: int(float(s)), default=10_000_000, help="corpus size in tokens (at least)"
+    )
     t.add_argument("--shard-size", type=lambda s: int(float(s)), default=2_000_000)
     t.add_argument("--repeats", type=int, default=2)
-    h = sub.add_parser("hellaswag", help="hellaswag.py (both conventions) against a plain one-example-per-forward scorer")
+    h = sub.add_parser(
+        "hellaswag", help="hellaswag.py (both conventions) against a plain one-example-per-forward scorer"
+    )
     h.add_argument("--examples", type=int, default=300)
     h.add_argument("--n-layer", type=int, default=4)
     h.add_argument("--n-head", type=int, default=4)
@@ -599,19 +761,30 @@ def main():
     h.add_argument("--batch-size", type=int, default=32)
     h.add_argument("--repeats", type=int, default=2)
     h.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
-    tr = sub.add_parser("train", allow_abbrev=False, help="tokens/s and MFU of a train.py preset on synthetic tokens, beside nanoGPT's loop; "
-                                      "other flags go to train.py (--preset, --micro-batch, --no-compile, ...)")
+    tr = sub.add_parser(
+        "train",
+        allow_abbrev=False,
+        help="tokens/s and MFU of a train.py preset on synthetic tokens, beside nanoGPT's loop; "
+        "other flags go to train.py (--preset, --micro-batch, --no-compile, ...)",
+    )
     tr.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
     tr.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     tr.add_argument("--rounds", type=int, default=2)
-    tr.add_argument("--micro-batches", default="", help="comma-separated micro-batch sizes to compare (default: the preset's)")
+    tr.add_argument(
+        "--micro-batches", default="", help="comma-separated micro-batch sizes to compare (default: the preset's)"
+    )
     tr.add_argument("--compare-compile", action="store_true", help="also run with torch.compile toggled")
-    g = sub.add_parser("gpu", help="the GPU path end to end: train step speed, parity, resume, HellaSwag, sampling, "
-                                   "large presets; writes a JSON report")
+    g = sub.add_parser(
+        "gpu",
+        help="the GPU path end to end: train step speed, parity, resume, HellaSwag, sampling, "
+        "large presets; writes a JSON report",
+    )
     g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
     g.add_argument("--out", default="report.json", help="the JSON report (written after every check)")
     g.add_argument("--quick", action="store_true", help="the same checks with small shapes (minutes on a CPU)")
-    g.add_argument("--work-dir", default="", help="keep the runs' logs, checkpoints and data here (default: a temporary dir)")
+    g.add_argument(
+        "--work-dir", default="", help="keep the runs' logs, checkpoints and data here (default: a temporary dir)"
+    )
     args, rest = p.parse_known_args()
     if args.bench != "train" and rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -59,6 +59,7 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------------------------
 # reading documents
 
+
 def resolve_data_files(patterns):
     files = []
     for pattern in patterns:
@@ -156,8 +157,11 @@ def split_documents(tokens, lengths):
 # ----------------------------------------------------------------------------------------------------------------
 # writing shards
 
+
 def source_settings(args, files):
-    source = dict(text_field=args.text_field, shard_size=args.shard_size, max_tokens=args.max_tokens, prefix=args.prefix)
+    source = dict(
+        text_field=args.text_field, shard_size=args.shard_size, max_tokens=args.max_tokens, prefix=args.prefix
+    )
     if files:
         source["data_files"] = files
     else:
@@ -212,10 +216,20 @@ class ShardWriter:
                 np.save(f, self.buffer[: self.fill])
         except OSError as e:
             what = "disk full" if e.errno == errno.ENOSPC else first_line(e)
-            raise UserError(f"{what} while writing {path}: the partial shard was removed, the {index} finished shards and {MANIFEST} are intact") from None
+            raise UserError(
+                f"{what} while writing {path}: the partial shard was removed, "
+                f"the {index} finished shards and {MANIFEST} are intact"
+            ) from None
         self.manifest["shards"].append(
-            dict(file=name, split=self.split, tokens=self.fill, first_document=self.first_document,
-                 last_document=last_document, next=[next_document, next_offset], sha256=sha256_file(path))
+            dict(
+                file=name,
+                split=self.split,
+                tokens=self.fill,
+                first_document=self.first_document,
+                last_document=last_document,
+                next=[next_document, next_offset],
+                sha256=sha256_file(path),
+            )
         )
         write_json_atomic(os.path.join(self.out_dir, MANIFEST), self.manifest)
         self.fill = 0
@@ -282,7 +296,9 @@ def verify(out_dir):
         if tokens.dtype != np.uint16 or tokens.ndim != 1:
             raise UserError(f"verify failed: {file} holds {tokens.dtype} {tokens.shape}, expected uint16 (N,)")
         if len(tokens) != shard["tokens"]:
-            raise UserError(f"verify failed: {file} holds {len(tokens):,} tokens, the manifest says {shard['tokens']:,}")
+            raise UserError(
+                f"verify failed: {file} holds {len(tokens):,} tokens, the manifest says {shard['tokens']:,}"
+            )
         if sha256_file(file) != shard["sha256"]:
             raise UserError(f"verify failed: {file} does not match its sha256 in the manifest")
     return manifest
@@ -319,10 +335,13 @@ def main(argv=None):
     n_train = sum(s["split"] == "train" for s in manifest["shards"])
     print(
         f"done: {documents:,} documents, {manifest['tokens']:,} tokens in {len(manifest['shards'])} shards "
-        f"(1 val, {n_train} train) under {args.out_dir}, {seconds:.1f} s, {(manifest['tokens'] - done) / seconds:,.0f} tokens/s"
+        f"(1 val, {n_train} train) under {args.out_dir}, {seconds:.1f} s, "
+        f"{(manifest['tokens'] - done) / seconds:,.0f} tokens/s"
     )
     if n_train == 0:
-        print("warning: the corpus ended inside the val shard, so there are no train shards: use a smaller --shard-size")
+        print(
+            "warning: the corpus ended inside the val shard, so there are no train shards: use a smaller --shard-size"
+        )
 
 
 if __name__ == "__main__":

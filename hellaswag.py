@@ -24,21 +24,28 @@ import torch
 import torch.nn.functional as F
 
 from model import GPT2_VOCAB_SIZE
-from utils import (UserError, atomic_write, autocast, config_parser, exact_fp32_matmul, get_tokenizer, load_model, run_cli,
-                   setup_distributed, teardown_distributed)
+from utils import (
+    UserError,
+    atomic_write,
+    autocast,
+    config_parser,
+    exact_fp32_matmul,
+    get_tokenizer,
+    load_model,
+    run_cli,
+    setup_distributed,
+    teardown_distributed,
+)
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 N_VAL_EXAMPLES = 10_042
 # published scores (percent): completion acc, acc_norm, harness acc, acc_norm
-REFERENCES = {
-    "GPT-2 124M": (28.59, 29.55, 28.92, 31.14),
-    "GPT-2 XL 1558M": (38.42, 48.93, 40.04, 50.89),
-}
+REFERENCES = {"GPT-2 124M": (28.59, 29.55, 28.92, 31.14), "GPT-2 XL 1558M": (38.42, 48.93, 40.04, 50.89)}
 
 
 @dataclass
 class Config:
-    model: str = "gpt2"  # our checkpoint (.pt), an out dir (its newest checkpoint), a transformers directory, or gpt2 ... gpt2-xl
+    model: str = "gpt2"  # our checkpoint (.pt), an out dir (its newest one), a transformers dir, or gpt2 ... gpt2-xl
     data_file: str = ""  # a local hellaswag_val.jsonl; without it the official file is downloaded once into --cache-dir
     cache_dir: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag")  # where the download is kept
     limit: int = 0  # score only the first N examples (0: all)
@@ -50,6 +57,7 @@ class Config:
 # ----------------------------------------------------------------------------------------------------------------
 # data
 
+
 def download(cache_dir):
     """The official validation set, fetched once."""
     path = os.path.join(cache_dir, "hellaswag_val.jsonl")
@@ -60,7 +68,9 @@ def download(cache_dir):
         with urllib.request.urlopen(URL, timeout=30) as response, atomic_write(path) as f:
             f.write(response.read())
     except OSError as e:
-        raise UserError(f"cannot download HellaSwag from {URL} ({e}): with no network, pass a local copy with --data-file") from None
+        raise UserError(
+            f"cannot download HellaSwag from {URL} ({e}): with no network, pass a local copy with --data-file"
+        ) from None
     return path
 
 
@@ -121,6 +131,7 @@ def build_rows(example, enc):
 # ----------------------------------------------------------------------------------------------------------------
 # scoring
 
+
 def token_logprobs(hidden, targets, head):
     """log p(target) at each position: the target's logit minus the log of the softmax's normaliser over the vocab.
     The head (the padded vocabulary rows cut off: they are not tokens) is applied in tiles of positions x vocabulary
@@ -130,7 +141,10 @@ def token_logprobs(hidden, targets, head):
     out = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
     for i in range(0, len(hidden), positions_per_tile):
         h = hidden[i : i + positions_per_tile]  # (P, n_embd)
-        tile_lse = [torch.logsumexp(F.linear(h, head[v : v + vocab_per_tile]), dim=-1) for v in range(0, len(head), vocab_per_tile)]
+        tile_lse = [
+            torch.logsumexp(F.linear(h, head[v : v + vocab_per_tile]), dim=-1)
+            for v in range(0, len(head), vocab_per_tile)
+        ]
         target_logits = (h * head[targets[i : i + positions_per_tile]]).sum(dim=-1)  # (P,)
         out[i : i + positions_per_tile] = target_logits - torch.logsumexp(torch.stack(tile_lse, dim=-1), dim=-1)
     return out
@@ -162,7 +176,9 @@ def score_rows(model, rows, device, rows_per_batch):
             hidden = model.hidden_states(idx)[scored]  # (n_scored, n_embd)
         logprobs = token_logprobs(hidden.float(), targets[scored], model.lm_head.weight[:GPT2_VOCAB_SIZE])
         row_of_token = torch.arange(len(batch), device=device).unsqueeze(1).expand_as(scored)[scored]
-        sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, row_of_token, logprobs.double())
+        sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(
+            0, row_of_token, logprobs.double()
+        )
         logprob_sums[batch] = sums.cpu()
     return logprob_sums, torch.tensor([n for _, n in rows], dtype=torch.float64)
 
@@ -220,7 +236,13 @@ def main(argv=None):
     model = load_model(args.model, device)
     t0 = time.time()
     results = evaluate(model, examples, device, args.batch_size, ddp_rank, ddp_world_size)
-    results.update(seconds=round(time.time() - t0, 2), model=args.model, data_file=data_file, world_size=ddp_world_size, config=asdict(args))
+    results.update(
+        seconds=round(time.time() - t0, 2),
+        model=args.model,
+        data_file=data_file,
+        world_size=ddp_world_size,
+        config=asdict(args),
+    )
     if ddp_rank == 0:
         print(format_table(results, f"{os.path.basename(os.path.normpath(args.model))} ({results['examples']:,} ex)"))
         print(f"{results['examples']:,} examples in {results['seconds']:.1f} s on {ddp_world_size} x {device}")

@@ -148,7 +148,7 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding=True):
-        """Parameter count; the position embeddings are left out by default (the token embeddings count, as the head)."""
+        """Parameter count; the position embeddings are left out by default (the token embeddings count: the head)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.transformer.wpe.weight.numel()
@@ -158,7 +158,9 @@ class GPT(nn.Module):
         """Everything but the head: the final LayerNorm's output (B, T, n_embd) for the tokens idx (B, T)."""
         B, T = idx.size()
         start = kv_cache.pos if kv_cache is not None else 0
-        assert start + T <= self.config.block_size, f"sequence of {start + T} tokens > block_size {self.config.block_size}"
+        assert start + T <= self.config.block_size, (
+            f"sequence of {start + T} tokens > block_size {self.config.block_size}"
+        )
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, n_embd)
         for layer, block in enumerate(self.transformer.h):
@@ -190,8 +192,11 @@ class GPT(nn.Module):
         with open(os.path.join(directory, "config.json")) as f:
             hf = json.load(f)
         config = GPTConfig(
-            block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+            block_size=hf["n_positions"],
+            vocab_size=hf["vocab_size"],
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_embd=hf["n_embd"],
         )
         if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{directory}: activation {hf['activation_function']!r} is not GPT-2's tanh GELU")
@@ -216,7 +221,9 @@ class GPT(nn.Module):
             if name.endswith(CONV1D_WEIGHTS):
                 tensor = tensor.t()
             if tensor.shape != sd[name].shape:
-                raise ValueError(f"{directory}: weight {key!r} has shape {tuple(tensor.shape)}, expected {tuple(sd[name].shape)}")
+                raise ValueError(
+                    f"{directory}: weight {key!r} has shape {tuple(tensor.shape)}, expected {tuple(sd[name].shape)}"
+                )
             with torch.no_grad():
                 sd[name].copy_(tensor)
             loaded.add(name)
@@ -234,10 +241,21 @@ class GPT(nn.Module):
         vocab_size = min(c.vocab_size, GPT2_VOCAB_SIZE)
         os.makedirs(out_dir, exist_ok=True)
         hf_config = {
-            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab_size,
-            "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
-            "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "initializer_range": 0.02,
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": vocab_size,
+            "n_positions": c.block_size,
+            "n_ctx": c.block_size,
+            "n_embd": c.n_embd,
+            "n_layer": c.n_layer,
+            "n_head": c.n_head,
+            "n_inner": None,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": 1e-5,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "initializer_range": 0.02,
             "tie_word_embeddings": True,
         }
         if vocab_size == GPT2_VOCAB_SIZE:
@@ -289,7 +307,9 @@ class GPT(nn.Module):
     # sampling
 
     @torch.inference_mode()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, use_cache=True):
+    def generate_stream(
+        self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, use_cache=True
+    ):
         """Yield max_new_tokens new tokens, one (B, 1) tensor at a time, continuing the prompts idx (B, T).
         With the cache the prompt is read once, then each step processes one token. When the context is full the
         window slides, every position moves, and the cached keys are stale: each step then re-reads the window."""

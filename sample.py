@@ -19,7 +19,7 @@ from utils import EOT, UserError, config_parser, exact_fp32_matmul, get_tokenize
 
 @dataclass
 class Config:
-    model: str = "gpt2"  # our checkpoint (.pt), an out dir (its newest checkpoint), a transformers directory, or gpt2 ... gpt2-xl
+    model: str = "gpt2"  # our checkpoint (.pt), an out dir (its newest one), a transformers dir, or gpt2 ... gpt2-xl
     prompt: str = "Hello, I'm a language model,"  # the text to continue
     num_samples: int = 4  # how many continuations
     max_new_tokens: int = 64  # tokens per continuation
@@ -54,8 +54,11 @@ def generate_samples(model, enc, args, device, stream=None):
     if not prompt_tokens:
         raise UserError("--prompt is empty: give at least one character of text")
     if len(prompt_tokens) > model.config.block_size:
-        print(f"warning: the prompt has {len(prompt_tokens)} tokens, more than the model's context of "
-              f"{model.config.block_size}: only its last {model.config.block_size} are read", file=sys.stderr)
+        print(
+            f"warning: the prompt has {len(prompt_tokens)} tokens, more than the model's context of "
+            f"{model.config.block_size}: only its last {model.config.block_size} are read",
+            file=sys.stderr,
+        )
         prompt_tokens = prompt_tokens[-model.config.block_size :]
     idx = torch.tensor([prompt_tokens], dtype=torch.long, device=device)  # (1, T)
     samples = []
@@ -65,8 +68,14 @@ def generate_samples(model, enc, args, device, stream=None):
         if stream:
             stream.write(f"\n--- sample {i} ---\n{args.prompt}")
         tokens = []
-        for new in model.generate_stream(idx, args.max_new_tokens, temperature=args.temperature,
-                                         top_k=args.top_k or None, top_p=args.top_p, generator=generator):
+        for new in model.generate_stream(
+            idx,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            top_p=args.top_p,
+            generator=generator,
+        ):
             token = int(new[0, 0])
             if args.stop_at_eot and token == EOT:
                 break

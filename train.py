@@ -27,9 +27,26 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import hellaswag
 import sample
 from model import GPT, GPTConfig
-from utils import (ShardedDataLoader, UserError, all_ranks_agree, append_jsonl, atomic_write, autocast,
-                   broadcast_from_rank0, config_parser, get_tokenizer, list_checkpoints, load_checkpoint, load_script,
-                   peak_flops, plot_log, run_cli, save_checkpoint, setup_distributed, teardown_distributed)
+from utils import (
+    ShardedDataLoader,
+    UserError,
+    all_ranks_agree,
+    append_jsonl,
+    atomic_write,
+    autocast,
+    broadcast_from_rank0,
+    config_parser,
+    get_tokenizer,
+    list_checkpoints,
+    load_checkpoint,
+    load_script,
+    peak_flops,
+    plot_log,
+    run_cli,
+    save_checkpoint,
+    setup_distributed,
+    teardown_distributed,
+)
 
 
 @dataclass
@@ -82,14 +99,45 @@ PRESETS = {
     "gpt2-774m": dict(n_layer=36, n_head=20, n_embd=1280, micro_batch=16, max_lr=2.5e-4),
     "gpt2-1558m": dict(n_layer=48, n_head=25, n_embd=1600, micro_batch=16, max_lr=2e-4),
     # for tests on a CPU: 4 micro-batches per step, so it splits over 1, 2 or 4 processes
-    "tiny": dict(n_layer=2, n_head=2, n_embd=64, micro_batch=4, seq_len=32, total_batch=512, max_steps=20,
-                 warmup_steps=4, max_lr=1e-3, eval_interval=10, val_steps=2, hellaswag_interval=0, sample_interval=10,
-                 num_samples=2, sample_tokens=8, checkpoint_interval=5),
+    "tiny": dict(
+        n_layer=2,
+        n_head=2,
+        n_embd=64,
+        micro_batch=4,
+        seq_len=32,
+        total_batch=512,
+        max_steps=20,
+        warmup_steps=4,
+        max_lr=1e-3,
+        eval_interval=10,
+        val_steps=2,
+        hellaswag_interval=0,
+        sample_interval=10,
+        num_samples=2,
+        sample_tokens=8,
+        checkpoint_interval=5,
+    ),
     # offline first run: Python's own documentation as the corpus, a small GPT, a few minutes on a laptop CPU
-    "quickstart": dict(data_dir="data/quickstart", out_dir="log/quickstart", n_layer=4, n_head=4, n_embd=128,
-                       micro_batch=16, seq_len=128, total_batch=2048, max_steps=300, warmup_steps=30, max_lr=2e-3,
-                       eval_interval=30, val_steps=4, hellaswag_interval=0, sample_interval=150, num_samples=2,
-                       sample_tokens=32, checkpoint_interval=150),
+    "quickstart": dict(
+        data_dir="data/quickstart",
+        out_dir="log/quickstart",
+        n_layer=4,
+        n_head=4,
+        n_embd=128,
+        micro_batch=16,
+        seq_len=128,
+        total_batch=2048,
+        max_steps=300,
+        warmup_steps=30,
+        max_lr=2e-3,
+        eval_interval=30,
+        val_steps=4,
+        hellaswag_interval=0,
+        sample_interval=150,
+        num_samples=2,
+        sample_tokens=32,
+        checkpoint_interval=150,
+    ),
 }
 
 
@@ -164,7 +212,9 @@ def evaluate_loss(model, loader, steps, device, ddp_world_size=1):
 
 def rng_states(device):
     np_state = np.random.get_state()
-    states = dict(python=random.getstate(), numpy=(np_state[0], np_state[1].tolist(), *np_state[2:]), torch=torch.get_rng_state())
+    states = dict(
+        python=random.getstate(), numpy=(np_state[0], np_state[1].tolist(), *np_state[2:]), torch=torch.get_rng_state()
+    )
     if device.startswith("cuda"):
         states["cuda"] = torch.cuda.get_rng_state(device)  # this GPU's only: a resume may see fewer or more GPUs
     return states
@@ -208,9 +258,19 @@ def prepare_quickstart_data(data_dir):
 
 def write_checkpoint(config, raw_model, optimizer, model_config, step, train_loader, val_loss, device):
     path = os.path.join(config.out_dir, f"ckpt_{step:06d}.pt")
-    save_checkpoint(path, dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), model_config=asdict(model_config),
-                               config=asdict(config), step=step, train_loader=train_loader.state_dict(), val_loss=val_loss,
-                               rng=rng_states(device)))
+    save_checkpoint(
+        path,
+        dict(
+            model=raw_model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            model_config=asdict(model_config),
+            config=asdict(config),
+            step=step,
+            train_loader=train_loader.state_dict(),
+            val_loss=val_loss,
+            rng=rng_states(device),
+        ),
+    )
     for old in list_checkpoints(config.out_dir)[: -config.keep_checkpoints]:
         os.remove(old)
     print(f"saved {path}")
@@ -234,8 +294,10 @@ def fit_micro_batch(config, world_size):
     a preset then runs on any number of processes that splits --total-batch into whole sequences."""
     rows_per_process, rest = divmod(config.total_batch, config.seq_len * world_size)
     if rest or rows_per_process == 0:
-        raise UserError(f"--total-batch {config.total_batch} is not divisible by --seq-len {config.seq_len} x "
-                        f"{world_size} processes = {config.seq_len * world_size}")
+        raise UserError(
+            f"--total-batch {config.total_batch} is not divisible by --seq-len {config.seq_len} x "
+            f"{world_size} processes = {config.seq_len * world_size}"
+        )
     return max(b for b in range(1, min(config.micro_batch, rows_per_process) + 1) if rows_per_process % b == 0)
 
 
@@ -248,16 +310,22 @@ def check_config(config):
 
 
 def find_checkpoint(config):
-    """The checkpoint to start from, (path, state) or (None, None); refuses to run over an earlier run unless resumed."""
+    """The checkpoint to start from, (path, state) or (None, None); refuses to run over an earlier run unless
+    resumed."""
     checkpoint_path, checkpoint = newest_good_checkpoint(config.out_dir)
     if checkpoint is not None and not config.resume:
-        raise UserError(f"{config.out_dir} holds checkpoints of an earlier run: pass --resume to continue it, or choose another --out-dir")
+        raise UserError(
+            f"{config.out_dir} holds checkpoints of an earlier run: "
+            "pass --resume to continue it, or choose another --out-dir"
+        )
     return checkpoint_path, checkpoint
 
 
 def generate_text(raw_model, enc, config, device):
     """The run's progress samples, drawn exactly as sample.py draws them."""
-    args = sample.Config(prompt=config.sample_prompt, num_samples=config.num_samples, max_new_tokens=config.sample_tokens, top_k=50)
+    args = sample.Config(
+        prompt=config.sample_prompt, num_samples=config.num_samples, max_new_tokens=config.sample_tokens, top_k=50
+    )
     return [s["text"] for s in sample.generate_samples(raw_model, enc, args, device)]
 
 
@@ -272,8 +340,10 @@ def main(argv=None):
 
     micro_batch = fit_micro_batch(config, ddp_world_size)
     if micro_batch != config.micro_batch and master_process:
-        print(f"note: --micro-batch {config.micro_batch} does not split {config.total_batch:,} tokens over "
-              f"{ddp_world_size} processes x {config.seq_len} tokens: using micro-batch {micro_batch}")
+        print(
+            f"note: --micro-batch {config.micro_batch} does not split {config.total_batch:,} tokens over "
+            f"{ddp_world_size} processes x {config.seq_len} tokens: using micro-batch {micro_batch}"
+        )
     requested_micro_batch, config.micro_batch = config.micro_batch, micro_batch
     grad_accum_steps = config.total_batch // (config.micro_batch * config.seq_len * ddp_world_size)
 
@@ -282,10 +352,23 @@ def main(argv=None):
 
     def open_data():  # each node reads its own copy of the shards
         if not os.path.isdir(config.data_dir):
-            raise UserError(f"data directory {config.data_dir} does not exist: run download-fineweb-edu.py first (or try --preset quickstart)")
-        train_loader = ShardedDataLoader(config.data_dir, "train", config.micro_batch, config.seq_len, ddp_rank, ddp_world_size,
-                                         shuffle=config.shuffle, seed=config.seed)
-        val_loader = ShardedDataLoader(config.data_dir, "val", config.micro_batch, config.seq_len, ddp_rank, ddp_world_size)
+            raise UserError(
+                f"data directory {config.data_dir} does not exist: "
+                "run download-fineweb-edu.py first (or try --preset quickstart)"
+            )
+        train_loader = ShardedDataLoader(
+            config.data_dir,
+            "train",
+            config.micro_batch,
+            config.seq_len,
+            ddp_rank,
+            ddp_world_size,
+            shuffle=config.shuffle,
+            seed=config.seed,
+        )
+        val_loader = ShardedDataLoader(
+            config.data_dir, "val", config.micro_batch, config.seq_len, ddp_rank, ddp_world_size
+        )
         return train_loader, val_loader
 
     train_loader, val_loader = all_ranks_agree(open_data)
@@ -296,14 +379,24 @@ def main(argv=None):
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     if is_cuda:
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls outside autocast (not in evaluation)
-    model_config = GPTConfig(block_size=config.seq_len, n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)
+    model_config = GPTConfig(
+        block_size=config.seq_len, n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd
+    )
     model = GPT(model_config).to(device)
-    optimizer = model.configure_optimizers(config.weight_decay, config.max_lr, (config.beta1, config.beta2), "cuda" if is_cuda else device, config.eps)
+    optimizer = model.configure_optimizers(
+        config.weight_decay, config.max_lr, (config.beta1, config.beta2), "cuda" if is_cuda else device, config.eps
+    )
 
     start_step = 0
     if checkpoint is not None:
-        if checkpoint["model_config"] != asdict(model_config) or checkpoint["config"]["total_batch"] != config.total_batch:
-            raise UserError(f"{checkpoint_path} was trained with another model shape or --total-batch: resume with the same settings")
+        if (
+            checkpoint["model_config"] != asdict(model_config)
+            or checkpoint["config"]["total_batch"] != config.total_batch
+        ):
+            raise UserError(
+                f"{checkpoint_path} was trained with another model shape or --total-batch: "
+                "resume with the same settings"
+            )
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         all_ranks_agree(lambda: train_loader.load_state_dict(checkpoint["train_loader"]))
@@ -321,13 +414,38 @@ def main(argv=None):
     peak = peak_flops(device)
     if master_process:
         if start_step == 0:
-            resolved = {**asdict(config), "device": device, "compile": compile_model, "micro_batch_requested": requested_micro_batch}
-            append_jsonl(log_path, dict(event="config", **resolved, world_size=ddp_world_size, grad_accum_steps=grad_accum_steps,
-                                        n_params=raw_model.num_params()))
+            resolved = {
+                **asdict(config),
+                "device": device,
+                "compile": compile_model,
+                "micro_batch_requested": requested_micro_batch,
+            }
+            append_jsonl(
+                log_path,
+                dict(
+                    event="config",
+                    **resolved,
+                    world_size=ddp_world_size,
+                    grad_accum_steps=grad_accum_steps,
+                    n_params=raw_model.num_params(),
+                ),
+            )
         else:
-            append_jsonl(log_path, dict(event="resume", step=start_step, checkpoint=checkpoint_path, world_size=ddp_world_size, grad_accum_steps=grad_accum_steps))
-        print(f"{raw_model.num_params():,} parameters | {ddp_world_size} x {device} | {config.total_batch:,} tokens/step = "
-              f"{config.micro_batch} x {config.seq_len} x {ddp_world_size} x {grad_accum_steps} grad accum | steps {start_step}..{config.max_steps}")
+            append_jsonl(
+                log_path,
+                dict(
+                    event="resume",
+                    step=start_step,
+                    checkpoint=checkpoint_path,
+                    world_size=ddp_world_size,
+                    grad_accum_steps=grad_accum_steps,
+                ),
+            )
+        print(
+            f"{raw_model.num_params():,} parameters | {ddp_world_size} x {device} | {config.total_batch:,} tokens/step "
+            f"= {config.micro_batch} x {config.seq_len} x {ddp_world_size} x {grad_accum_steps} grad accum "
+            f"| steps {start_step}..{config.max_steps}"
+        )
 
     hellaswag_examples = load_hellaswag(config, master_process, device) if config.hellaswag_interval > 0 else None
     enc = get_tokenizer()
@@ -336,7 +454,9 @@ def main(argv=None):
         last_step = step == config.max_steps
         record = dict(step=step)
         if config.eval_interval > 0 and (step % config.eval_interval == 0 or last_step):
-            val_loss = record["val_loss"] = evaluate_loss(raw_model, val_loader, config.val_steps, device, ddp_world_size)
+            val_loss = record["val_loss"] = evaluate_loss(
+                raw_model, val_loader, config.val_steps, device, ddp_world_size
+            )
         if hellaswag_examples and (step % config.hellaswag_interval == 0 or last_step):
             results = hellaswag.evaluate(raw_model, hellaswag_examples, device, 32, ddp_rank, ddp_world_size)
             record.update({f"hellaswag_{k}": v for k, v in results.items()})
@@ -344,7 +464,12 @@ def main(argv=None):
             append_jsonl(log_path, record)
             print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
             plot_log(log_path, os.path.join(config.out_dir, "loss.png"))
-        if master_process and config.sample_interval > 0 and (step % config.sample_interval == 0 or last_step) and step > 0:
+        if (
+            master_process
+            and config.sample_interval > 0
+            and (step % config.sample_interval == 0 or last_step)
+            and step > 0
+        ):
             samples = generate_text(raw_model, enc, config, device)
             append_jsonl(log_path, dict(step=step, samples=samples))
             for text in samples:
@@ -354,21 +479,31 @@ def main(argv=None):
 
         t0 = time.time()
         lr = get_lr(step, config)
-        loss, norm = train_step(model, optimizer, train_loader.next_batch, grad_accum_steps, device, lr, config.grad_clip, ddp_world_size)
+        loss, norm = train_step(
+            model, optimizer, train_loader.next_batch, grad_accum_steps, device, lr, config.grad_clip, ddp_world_size
+        )
         loss, norm = loss.item(), norm.item()  # waits for the GPU: the step's one sync
         if not (math.isfinite(loss) and math.isfinite(norm)):
             last = list_checkpoints(config.out_dir)
-            raise UserError(f"step {step}: the train loss is {loss}, the gradient norm {norm}; stopped. The last good checkpoint is "
-                            f"{last[-1] if last else 'none'}: lower --max-lr or check the data, then --resume")
+            raise UserError(
+                f"step {step}: the train loss is {loss}, the gradient norm {norm}; stopped. "
+                "The last good checkpoint is "
+                f"{last[-1] if last else 'none'}: lower --max-lr or check the data, then --resume"
+            )
         dt = time.time() - t0
         tokens_per_sec = config.total_batch / dt
         if master_process:
-            entry = dict(step=step, train_loss=loss, lr=lr, grad_norm=norm, dt_ms=dt * 1000, tokens_per_sec=tokens_per_sec)
+            entry = dict(
+                step=step, train_loss=loss, lr=lr, grad_norm=norm, dt_ms=dt * 1000, tokens_per_sec=tokens_per_sec
+            )
             if peak:
                 entry["mfu"] = raw_model.estimate_mfu(tokens_per_sec / ddp_world_size, config.seq_len, peak)
             append_jsonl(log_path, entry)
             mfu = f" | mfu {100 * entry['mfu']:.1f}%" if peak else ""
-            print(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {dt * 1000:.1f}ms | tok/sec {tokens_per_sec:,.0f}{mfu}")
+            print(
+                f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {dt * 1000:.1f}ms "
+                f"| tok/sec {tokens_per_sec:,.0f}{mfu}"
+            )
         checkpoint_due = config.checkpoint_interval > 0 and (step + 1) % config.checkpoint_interval == 0
         if master_process and (checkpoint_due or step + 1 == config.max_steps):
             write_checkpoint(config, raw_model, optimizer, model_config, step + 1, train_loader, val_loss, device)

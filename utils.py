@@ -146,7 +146,7 @@ def _gpt2_unicode_to_byte():
     return table
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_tokenizer():
     """GPT-2's BPE as a tiktoken.Encoding, built from local files: no network, nothing written to disk."""
     import tiktoken
@@ -177,7 +177,9 @@ def save_hf_tokenizer(out_dir):
     shutil.copyfile(files["encoder.json"], os.path.join(out_dir, "vocab.json"))
     shutil.copyfile(files["vocab.bpe"], os.path.join(out_dir, "merges.txt"))
     special = "<|endoftext|>"
-    config = dict(tokenizer_class="GPT2Tokenizer", model_max_length=1024, bos_token=special, eos_token=special, unk_token=special)
+    config = dict(
+        tokenizer_class="GPT2Tokenizer", model_max_length=1024, bos_token=special, eos_token=special, unk_token=special
+    )
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
@@ -281,13 +283,17 @@ class ShardedDataLoader:
 
     def state_dict(self):
         names = [os.path.basename(p) for p in self.paths]
-        return dict(position=self.position, shards=names, epoch_tokens=self.epoch_tokens, shuffle=self.shuffle, seed=self.seed)
+        return dict(
+            position=self.position, shards=names, epoch_tokens=self.epoch_tokens, shuffle=self.shuffle, seed=self.seed
+        )
 
     def load_state_dict(self, state):
         mine = self.state_dict()
         for key in ("shards", "epoch_tokens", "shuffle", "seed"):
             if state[key] != mine[key]:
-                raise UserError(f"the data loader state does not match this data: {key} was {state[key]!r}, is now {mine[key]!r}")
+                raise UserError(
+                    f"the data loader state does not match this data: {key} was {state[key]!r}, is now {mine[key]!r}"
+                )
         self.position = int(state["position"])
 
 
@@ -297,9 +303,8 @@ def python_docs_corpus():
     About 2,500 documents and 500k GPT-2 tokens."""
     import ast
     import glob
-    import sysconfig
-
     import pydoc_data.topics
+    import sysconfig
 
     docs = [text.strip() for _, text in sorted(pydoc_data.topics.topics.items())]
     stdlib = sysconfig.get_paths()["stdlib"]
@@ -323,6 +328,7 @@ def python_docs_corpus():
 # ----------------------------------------------------------------------------------------------------------------
 # devices and distributed runs
 
+
 def pick_device(device="auto"):
     """The device to run on: "auto" picks CUDA, then MPS, then the CPU; one asked for by name must be there."""
     if device == "auto":
@@ -336,7 +342,9 @@ def pick_device(device="auto"):
         raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto")
     if kind == "cuda" and not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise UserError(f"device {device!r}: no CUDA GPU is visible to torch {torch.__version__} ({build}); use --device cpu")
+        raise UserError(
+            f"device {device!r}: no CUDA GPU is visible to torch {torch.__version__} ({build}); use --device cpu"
+        )
     if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
         raise UserError(f"device {device!r}: only {torch.cuda.device_count()} CUDA GPUs are visible")
     if kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
@@ -423,7 +431,11 @@ def broadcast_from_rank0(obj, device):
     def fill(x):
         if isinstance(x, tuple) and len(x) == 4 and x[0] == "__tensor__":
             _, i, shape, dtype = x
-            t = tensors[i].to(comm_device) if dist.get_rank() == 0 else torch.empty(shape, dtype=dtype, device=comm_device)
+            t = (
+                tensors[i].to(comm_device)
+                if dist.get_rank() == 0
+                else torch.empty(shape, dtype=dtype, device=comm_device)
+            )
             dist.broadcast(t, src=0)
             return t
         if isinstance(x, dict):
@@ -500,11 +512,15 @@ def list_checkpoints(out_dir):
 
 def load_checkpoint(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # pages read as needed, shared by processes
+        return torch.load(
+            path, map_location="cpu", weights_only=True, mmap=True
+        )  # pages read as needed, shared by processes
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # truncated or foreign files fail in the unpickler with many exception types
-        raise UserError(f"cannot read checkpoint {path}: not a complete checkpoint ({type(e).__name__}: {first_line(e)[:200]})") from None
+        raise UserError(
+            f"cannot read checkpoint {path}: not a complete checkpoint ({type(e).__name__}: {first_line(e)[:200]})"
+        ) from None
 
 
 def load_model(spec, device="cpu"):
@@ -527,7 +543,10 @@ def load_model(spec, device="cpu"):
         except (RuntimeError, ValueError, OSError) as e:
             raise UserError(str(e)) from None
     else:
-        raise UserError(f"no model {spec!r}: give a checkpoint .pt, an out dir, a transformers directory or one of {', '.join(MODEL_SIZES)}")
+        raise UserError(
+            f"no model {spec!r}: give a checkpoint .pt, an out dir, a transformers directory "
+            f"or one of {', '.join(MODEL_SIZES)}"
+        )
     return model.to(device).eval()
 
 

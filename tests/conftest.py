@@ -20,7 +20,10 @@ def write_shard(path, tokens, dtype=np.uint16):
 def make_docs(n_docs, seed=0, min_len=5, max_len=60, vocab=5000):
     """Documents of random token ids, each laid out as in the shards: EOT then its tokens."""
     rng = np.random.default_rng(seed)
-    return [np.concatenate([[EOT], rng.integers(0, vocab, rng.integers(min_len, max_len))]).astype(np.uint16) for _ in range(n_docs)]
+    return [
+        np.concatenate([[EOT], rng.integers(0, vocab, rng.integers(min_len, max_len))]).astype(np.uint16)
+        for _ in range(n_docs)
+    ]
 
 
 @pytest.fixture
@@ -48,7 +51,9 @@ def hf_gpt2_dir(tmp_path):
 
     def make(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=300, seed=0):
         torch.manual_seed(seed)
-        config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions, vocab_size=vocab_size)
+        config = GPT2Config(
+            n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions, vocab_size=vocab_size
+        )
         model = GPT2LMHeadModel(config).eval()
         with torch.no_grad():  # random biases and LayerNorm gains, so that a mis-loaded one shows in the logits
             for name, p in model.named_parameters():

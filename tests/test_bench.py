@@ -4,8 +4,15 @@ import json
 
 from conftest import run_script
 
-CHECKS = ["reference_step", "short_run_parity", "kill_and_resume", "hellaswag_in_training_equals_hellaswag_py",
-          "hellaswag_full_pass", "sample_kv_cache", "larger_presets_fit"]
+CHECKS = [
+    "reference_step",
+    "short_run_parity",
+    "kill_and_resume",
+    "hellaswag_in_training_equals_hellaswag_py",
+    "hellaswag_full_pass",
+    "sample_kv_cache",
+    "larger_presets_fit",
+]
 
 
 def test_bench_gpu_quick_on_the_cpu_passes_every_check_and_writes_the_report(tmp_path):

@@ -10,7 +10,9 @@ from utils import ShardedDataLoader, UserError
 
 
 def loaders(data_dir, world_size, **kw):
-    return [ShardedDataLoader(data_dir, "train", process_rank=r, num_processes=world_size, **kw) for r in range(world_size)]
+    return [
+        ShardedDataLoader(data_dir, "train", process_rank=r, num_processes=world_size, **kw) for r in range(world_size)
+    ]
 
 
 def global_steps(data_dir, world_size, grad_accum_steps, n_steps, B=2, T=8, **kw):
@@ -137,7 +139,9 @@ def test_errors_name_the_problem(tmp_path, shard_dir):
     with pytest.raises(UserError, match="data directory .*nowhere does not exist"):
         ShardedDataLoader(tmp_path / "nowhere", "train", B=1, T=8)
     shard_dir("val", [100])
-    with pytest.raises(UserError, match=f"no train shards in {tmp_path}: looked for files named <prefix>_train_NNNNNN.npy"):
+    with pytest.raises(
+        UserError, match=f"no train shards in {tmp_path}: looked for files named <prefix>_train_NNNNNN.npy"
+    ):
         ShardedDataLoader(tmp_path, "train", B=1, T=8)
     with pytest.raises(UserError, match=r"hold 100 tokens, fewer than one batch needs \(2 x 4 x 16 \+ 1 = 129\)"):
         ShardedDataLoader(tmp_path, "val", B=4, T=16, num_processes=2)

@@ -61,16 +61,45 @@ def log_records(out_dir):
 
 def test_quickstart_on_two_processes_shrinks_the_micro_batch_and_logs_the_losses_of_one(tmp_path):
     # the quick start's 2,048-token step is 16 rows: 16 x 128 x 2 processes does not divide it, 8 x 128 x 2 does
-    args = ["--preset", "quickstart", "--data-dir", tmp_path / "data", "--max-steps", 3, "--eval-interval", 0,
-            "--sample-interval", 0, "--checkpoint-interval", 0]
+    args = [
+        "--preset",
+        "quickstart",
+        "--data-dir",
+        tmp_path / "data",
+        "--max-steps",
+        3,
+        "--eval-interval",
+        0,
+        "--sample-interval",
+        0,
+        "--checkpoint-interval",
+        0,
+    ]
     r = run_script("train.py", *args, "--out-dir", tmp_path / "one", timeout=600)
     assert r.returncode == 0, r.stderr
-    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "train.py"), *map(str, args), "--out-dir", tmp_path / "two"]
+    cmd = [
+        *TORCHRUN,
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        os.path.join(ROOT, "train.py"),
+        *map(str, args),
+        "--out-dir",
+        tmp_path / "two",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert "note: --micro-batch 16 does not split 2,048 tokens over 2 processes x 128 tokens: using micro-batch 8" in r.stdout
+    assert (
+        "note: --micro-batch 16 does not split 2,048 tokens over 2 processes x 128 tokens: using micro-batch 8"
+        in r.stdout
+    )
     config = log_records(tmp_path / "two")[0]
-    assert (config["micro_batch"], config["micro_batch_requested"], config["grad_accum_steps"], config["world_size"]) == (8, 16, 1, 2)
+    assert (
+        config["micro_batch"],
+        config["micro_batch_requested"],
+        config["grad_accum_steps"],
+        config["world_size"],
+    ) == (8, 16, 1, 2)
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [0, 1, 2] and all(abs(one[s] - two[s]) < 1e-4 for s in one)
 
@@ -78,7 +107,9 @@ def test_quickstart_on_two_processes_shrinks_the_micro_batch_and_logs_the_losses
 def test_the_micro_batch_fits_every_world_size_that_splits_the_batch_into_whole_sequences():
     config = train.parse_config(["--preset", "gpt2-124m"])  # 512 rows of 1024 tokens per step, micro-batch 64
     assert [train.fit_micro_batch(config, w) for w in (1, 2, 4, 8, 16, 64)] == [64, 64, 64, 64, 32, 8]
-    assert train.fit_micro_batch(train.parse_config(["--preset", "gpt2-124m", "--micro-batch", "48"]), 1) == 32  # divides 512
+    assert (
+        train.fit_micro_batch(train.parse_config(["--preset", "gpt2-124m", "--micro-batch", "48"]), 1) == 32
+    )  # divides 512
     with pytest.raises(train.UserError, match="--total-batch 524288 is not divisible by --seq-len 1024 x 3 processes"):
         train.fit_micro_batch(config, 3)
 
@@ -89,10 +120,16 @@ def test_the_micro_batch_fits_every_world_size_that_splits_the_batch_into_whole_
 
 def test_resume_restores_this_gpus_rng_state_whatever_the_number_of_gpus(monkeypatch):
     restored = {}
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.full((8,), int(str(device)[-1]), dtype=torch.uint8))
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.update({str(device): state.clone()}))
+    monkeypatch.setattr(
+        torch.cuda, "get_rng_state", lambda device="cuda": torch.full((8,), int(str(device)[-1]), dtype=torch.uint8)
+    )
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda state, device="cuda": restored.update({str(device): state.clone()})
+    )
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saves a state for every GPU of the box"))
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("needs as many GPUs as at save time"))
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state_all", lambda states: pytest.fail("needs as many GPUs as at save time")
+    )
     states = train.rng_states("cuda:3")  # rank 0 of a box, on GPU 3
     assert torch.equal(states["cuda"], torch.full((8,), 3, dtype=torch.uint8))
     train.set_rng_states(states, "cuda:0")  # resumed under CUDA_VISIBLE_DEVICES=0
@@ -128,8 +165,21 @@ def run_two_nodes(nodes, *args, timeout=180):
     procs, logs = [], []
     t0 = time.time()
     for rank, node in enumerate(nodes):
-        cmd = [*TORCHRUN, "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), "train.py", *map(str, args)]
+        cmd = [
+            *TORCHRUN,
+            "--nnodes",
+            "2",
+            "--node_rank",
+            str(rank),
+            "--nproc_per_node",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "train.py",
+            *map(str, args),
+        ]
         logs.append(open(node / "node.log", "w"))
         procs.append(subprocess.Popen(cmd, cwd=node, stdout=logs[-1], stderr=subprocess.STDOUT))
     while time.time() - t0 < timeout and any(p.poll() is None for p in procs):
@@ -144,8 +194,25 @@ def run_two_nodes(nodes, *args, timeout=180):
 
 
 def tiny(data, out, *extra):
-    return ["--preset", "tiny", "--device", "cpu", "--data-dir", data, "--out-dir", out, "--max-steps", 8,
-            "--checkpoint-interval", 4, "--eval-interval", 4, "--sample-interval", 0, *extra]
+    return [
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--data-dir",
+        data,
+        "--out-dir",
+        out,
+        "--max-steps",
+        8,
+        "--checkpoint-interval",
+        4,
+        "--eval-interval",
+        4,
+        "--sample-interval",
+        0,
+        *extra,
+    ]
 
 
 def test_two_nodes_without_a_shared_filesystem_evaluate_hellaswag_and_resume(data_dir, hellaswag_file, tmp_path):
@@ -185,7 +252,9 @@ def test_an_error_on_one_node_stops_every_node_at_once(data_dir, tmp_path):
     shutil.copytree(data_dir, nodes[1] / "data")
     codes, _, output = run_two_nodes(nodes, *tiny("data", "out", "--max-steps", 4))
     assert codes == [0, 0], output
-    codes, seconds, output = run_two_nodes(nodes, *tiny("data", "out", "--max-steps", 4))  # node 0's out dir holds a run: refused
+    codes, seconds, output = run_two_nodes(
+        nodes, *tiny("data", "out", "--max-steps", 4)
+    )  # node 0's out dir holds a run: refused
     assert codes[0] != 0 and codes[1] != 0 and seconds < 60, output
     assert "holds checkpoints of an earlier run: pass --resume" in (nodes[1] / "node.log").read_text()
 
@@ -199,7 +268,9 @@ def test_train_sh_counts_only_the_gpus_cuda_visible_devices_shows(tmp_path, monk
         monkeypatch.delenv(key, raising=False)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\n" + "".join(f'echo "GPU {i}: NVIDIA H100 80GB HBM3"\n' for i in range(8)))
+    (bin_dir / "nvidia-smi").write_text(
+        "#!/bin/sh\n" + "".join(f'echo "GPU {i}: NVIDIA H100 80GB HBM3"\n' for i in range(8))
+    )
     (bin_dir / "nvidia-smi").chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", TRAIN_SH_DRY_RUN="1")
 
@@ -211,7 +282,9 @@ def test_train_sh_counts_only_the_gpus_cuda_visible_devices_shows(tmp_path, monk
     assert command() == "torchrun --standalone --nproc_per_node 8 train.py"
     assert command(CUDA_VISIBLE_DEVICES="0,1") == "torchrun --standalone --nproc_per_node 2 train.py"
     assert command(CUDA_VISIBLE_DEVICES="6") == "torchrun --standalone --nproc_per_node 1 train.py"
-    assert command(CUDA_VISIBLE_DEVICES="0,3,-1,5") == "torchrun --standalone --nproc_per_node 2 train.py"  # CUDA stops at -1
+    assert (
+        command(CUDA_VISIBLE_DEVICES="0,3,-1,5") == "torchrun --standalone --nproc_per_node 2 train.py"
+    )  # CUDA stops at -1
     assert command(CUDA_VISIBLE_DEVICES="") == "python train.py"
     assert command(CUDA_VISIBLE_DEVICES="-1") == "python train.py"
     assert command(CUDA_VISIBLE_DEVICES="0,1", NGPU="4") == "torchrun --standalone --nproc_per_node 4 train.py"
@@ -314,10 +387,26 @@ def test_setup_distributed_binds_nccl_to_the_rank_gpu_with_a_long_timeout(monkey
 def test_a_one_process_torchrun_run_leaves_no_process_group_behind(data_dir, tmp_path, monkeypatch):
     import torch.distributed as dist
 
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
+    for key, value in dict(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    ).items():
         monkeypatch.setenv(key, value)
-    train.main(["--preset", "tiny", "--device", "cpu", "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "out"),
-                "--max-steps", "2", "--sample-interval", "0"])
+    train.main(
+        [
+            "--preset",
+            "tiny",
+            "--device",
+            "cpu",
+            "--data-dir",
+            str(data_dir),
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--max-steps",
+            "2",
+            "--sample-interval",
+            "0",
+        ]
+    )
     assert not dist.is_initialized()
 
 
@@ -325,9 +414,17 @@ def test_mfu_uses_each_cards_own_peak_and_none_for_unknown_cards(monkeypatch):
     from utils import peak_flops
 
     cards = {
-        "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12, "NVIDIA H200": 989e12,
-        "NVIDIA GH200 480GB": 989e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100 80GB PCIe": 312e12,
-        "NVIDIA L40S": 362e12, "NVIDIA GeForce RTX 4090": 165e12, "NVIDIA GeForce RTX 3060": None, "Tesla T4": None,
+        "NVIDIA H100 80GB HBM3": 989e12,
+        "NVIDIA H100 PCIe": 756e12,
+        "NVIDIA H100 NVL": 835e12,
+        "NVIDIA H200": 989e12,
+        "NVIDIA GH200 480GB": 989e12,
+        "NVIDIA A100-SXM4-80GB": 312e12,
+        "NVIDIA A100 80GB PCIe": 312e12,
+        "NVIDIA L40S": 362e12,
+        "NVIDIA GeForce RTX 4090": 165e12,
+        "NVIDIA GeForce RTX 3060": None,
+        "Tesla T4": None,
     }
     for name, peak in cards.items():
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)

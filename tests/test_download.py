@@ -34,7 +34,9 @@ def make_corpus(path, n_docs, seed=0, min_words=10, max_words=300):
 
 
 def run(*args, env=None):
-    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def shard_files(out_dir):
@@ -107,10 +109,18 @@ def test_max_tokens_counts_train_tokens_after_val(corpus, reference, tmp_path):
     r = run("--data-files", corpus[0], "--out-dir", tmp_path / "out", "--shard-size", 3000, "--max-tokens", 7500)
     assert r.returncode == 0, r.stderr
     names = shard_files(tmp_path / "out")
-    assert names == ["edufineweb_train_000001.npy", "edufineweb_train_000002.npy", "edufineweb_train_000003.npy", "edufineweb_val_000000.npy"]
+    assert names == [
+        "edufineweb_train_000001.npy",
+        "edufineweb_train_000002.npy",
+        "edufineweb_train_000003.npy",
+        "edufineweb_val_000000.npy",
+    ]
     assert sum(len(np.load(tmp_path / "out" / n)) for n in names[:3]) == 7500
     full = read_stream(reference)
-    assert np.array_equal(read_stream(tmp_path / "out"), full[: len(full) - len(read_stream(reference)) + len(np.load(reference / names[3])) + 7500])
+    assert np.array_equal(
+        read_stream(tmp_path / "out"),
+        full[: len(full) - len(read_stream(reference)) + len(np.load(reference / names[3])) + 7500],
+    )
 
 
 def test_resume_after_a_kill_mid_shard_is_byte_identical(corpus, reference, tmp_path):
@@ -143,7 +153,11 @@ def test_resume_after_real_sigkills(tmp_path):
     out = tmp_path / "out"
     kills = 0
     for wait_for_shards in (2, 8, 20):
-        proc = subprocess.Popen([sys.executable, SCRIPT, *map(str, args), "--out-dir", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, SCRIPT, *map(str, args), "--out-dir", out],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline:
             try:
@@ -163,7 +177,10 @@ def test_resume_after_real_sigkills(tmp_path):
     assert shard_files(out) == shard_files(ref)
     for name in shard_files(ref):
         assert (out / name).read_bytes() == (ref / name).read_bytes()
-    assert json.loads((out / "manifest.json").read_text())["shards"] == json.loads((ref / "manifest.json").read_text())["shards"]
+    assert (
+        json.loads((out / "manifest.json").read_text())["shards"]
+        == json.loads((ref / "manifest.json").read_text())["shards"]
+    )
 
 
 def test_refuses_other_settings_on_a_used_out_dir(corpus, reference, tmp_path):
@@ -171,7 +188,10 @@ def test_refuses_other_settings_on_a_used_out_dir(corpus, reference, tmp_path):
     shutil.copytree(reference, out)
     r = run("--data-files", corpus[0], "--out-dir", out, "--shard-size", 4000)
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"error: {out} holds shards made with shard_size=3000, not 4000: use another --out-dir, or delete this one to start over"]
+    assert r.stderr.strip().splitlines() == [
+        f"error: {out} holds shards made with shard_size=3000, not 4000: "
+        "use another --out-dir, or delete this one to start over"
+    ]
     r = run("--data-files", corpus[0], "--out-dir", out, "--shard-size", 3000)  # same settings: nothing to do
     assert r.returncode == 0 and "is complete" in r.stdout
 
@@ -186,12 +206,18 @@ def test_verify_catches_a_flipped_byte_and_a_truncated_shard(reference, tmp_path
     data[-5] ^= 0x01
     shard.write_bytes(bytes(data))
     r = run("--verify", "--out-dir", out)
-    assert r.returncode == 2 and r.stderr.strip() == f"error: verify failed: {shard} does not match its sha256 in the manifest"
+    assert (
+        r.returncode == 2
+        and r.stderr.strip() == f"error: verify failed: {shard} does not match its sha256 in the manifest"
+    )
     shutil.copy(reference / shard.name, shard)
     other = out / "edufineweb_train_000001.npy"
     np.save(other, np.load(other)[:-10])
     r = run("--verify", "--out-dir", out)
-    assert r.returncode == 2 and r.stderr.strip() == f"error: verify failed: {other} holds 2,990 tokens, the manifest says 3,000"
+    assert (
+        r.returncode == 2
+        and r.stderr.strip() == f"error: verify failed: {other} holds 2,990 tokens, the manifest says 3,000"
+    )
 
 
 def test_txt_and_parquet_go_through_the_same_path(tmp_path):
@@ -203,7 +229,10 @@ def test_txt_and_parquet_go_through_the_same_path(tmp_path):
         (tmp_path / f"doc{i}.txt").write_text(t)
     pq.write_table(pa.table({"body": texts}), tmp_path / "docs.parquet")
     enc = get_tokenizer()
-    for args in (["--data-files", tmp_path / "doc*.txt"], ["--data-files", tmp_path / "docs.parquet", "--text-field", "body"]):
+    for args in (
+        ["--data-files", tmp_path / "doc*.txt"],
+        ["--data-files", tmp_path / "docs.parquet", "--text-field", "body"],
+    ):
         out = tmp_path / ("out" + args[1].suffix)
         r = run(*args, "--out-dir", out, "--shard-size", 12)
         assert r.returncode == 0, r.stderr
@@ -212,14 +241,34 @@ def test_txt_and_parquet_go_through_the_same_path(tmp_path):
 
 def test_errors_are_one_line(tmp_path, corpus):
     cases = []
-    cases.append((["--data-files", tmp_path / "missing.jsonl"], f"error: cannot read --data-files {tmp_path / 'missing.jsonl'}: no such file"))
+    cases.append(
+        (
+            ["--data-files", tmp_path / "missing.jsonl"],
+            f"error: cannot read --data-files {tmp_path / 'missing.jsonl'}: no such file",
+        )
+    )
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{not json\n')
     cases.append((["--data-files", tmp_path / "bad.jsonl"], f"error: cannot read {tmp_path / 'bad.jsonl'}: "))
-    cases.append((["--data-files", corpus[0], "--text-field", "content"], "error: " + str(corpus[0]) + " has no field 'content' (fields: id, text); set --text-field"))
+    cases.append(
+        (
+            ["--data-files", corpus[0], "--text-field", "content"],
+            "error: " + str(corpus[0]) + " has no field 'content' (fields: id, text); set --text-field",
+        )
+    )
     (tmp_path / "empty.jsonl").write_text("")
-    cases.append((["--data-files", tmp_path / "empty.jsonl"], f"error: empty corpus: {tmp_path / 'empty.jsonl'} holds no documents"))
+    cases.append(
+        (
+            ["--data-files", tmp_path / "empty.jsonl"],
+            f"error: empty corpus: {tmp_path / 'empty.jsonl'} holds no documents",
+        )
+    )
     (tmp_path / "data.csv").write_text("text\nhello\n")
-    cases.append((["--data-files", tmp_path / "data.csv"], "error: --data-files must all be .jsonl/.json, .parquet or .txt (one kind), got ['.csv']"))
+    cases.append(
+        (
+            ["--data-files", tmp_path / "data.csv"],
+            "error: --data-files must all be .jsonl/.json, .parquet or .txt (one kind), got ['.csv']",
+        )
+    )
     for i, (args, message) in enumerate(cases):
         r = run(*args, "--out-dir", tmp_path / f"out{i}")
         assert r.returncode == 2, (args, r.stderr)
@@ -257,7 +306,11 @@ def test_disk_full_removes_the_partial_shard_and_keeps_the_manifest_valid(corpus
     monkeypatch.setattr(downloader.np, "save", save_until_disk_full)
     out = tmp_path / "out"
     args = ["--data-files", str(corpus[0]), "--out-dir", str(out), "--shard-size", "3000", "--workers", "1"]
-    with pytest.raises(downloader.UserError, match="disk full while writing .*edufineweb_train_000002.npy: the partial shard was removed, the 2 finished shards"):
+    with pytest.raises(
+        downloader.UserError,
+        match="disk full while writing .*edufineweb_train_000002.npy: the partial shard was removed, "
+        "the 2 finished shards",
+    ):
         downloader.main(args)
     assert sorted(os.listdir(out)) == ["edufineweb_train_000001.npy", "edufineweb_val_000000.npy", "manifest.json"]
     assert run("--verify", "--out-dir", out).returncode == 0

@@ -80,7 +80,9 @@ def test_both_conventions_match_a_slow_reference(tiny_checkpoint, data_file, blo
         counts = [c + (p == ex["label"]) for c, p in zip(counts, predictions)]
     results = hellaswag.evaluate(model, examples, "cpu", batch_size=5)
     n = len(examples)
-    assert (results["acc"], results["acc_norm"], results["harness_acc"], results["harness_acc_norm"]) == tuple(c / n for c in counts)
+    assert (results["acc"], results["acc_norm"], results["harness_acc"], results["harness_acc_norm"]) == tuple(
+        c / n for c in counts
+    )
     assert results["examples"] == n
 
 
@@ -100,8 +102,14 @@ def test_harness_preprocessing(raw, clean):
 
 def test_harness_rows_score_the_continuation_after_the_query():
     enc = get_tokenizer()
-    example = dict(activity_label="Baking", ctx_a="A man mixes flour.", ctx_b="then he", ctx="A man mixes flour. then he",
-                   endings=["bakes it [title] well.", "runs.", "sits.", "eats."], label=0)
+    example = dict(
+        activity_label="Baking",
+        ctx_a="A man mixes flour.",
+        ctx_b="then he",
+        ctx="A man mixes flour. then he",
+        endings=["bakes it [title] well.", "runs.", "sits.", "eats."],
+        label=0,
+    )
     rows = hellaswag.build_rows(example, enc)
     query = "Baking: A man mixes flour. Then he"
     tokens, n = rows[4]
@@ -120,7 +128,19 @@ def test_results_do_not_depend_on_batch_size(tiny_checkpoint, data_file):
 
 def test_script_writes_the_contract_json_and_a_table(tiny_checkpoint, data_file, tmp_path):
     ckpt = tiny_checkpoint()
-    r = run_script("hellaswag.py", "--model", ckpt.parent, "--data-file", data_file, "--limit", 25, "--out", tmp_path / "r.json", "--device", "cpu")
+    r = run_script(
+        "hellaswag.py",
+        "--model",
+        ckpt.parent,
+        "--data-file",
+        data_file,
+        "--limit",
+        25,
+        "--out",
+        tmp_path / "r.json",
+        "--device",
+        "cpu",
+    )
     assert r.returncode == 0, r.stderr
     results = json.loads((tmp_path / "r.json").read_text())
     assert {"examples", "acc", "acc_norm", "harness_acc", "harness_acc_norm"} <= set(results)
@@ -136,8 +156,18 @@ def test_two_processes_equal_one(tiny_checkpoint, data_file, tmp_path):
     args = ["--model", ckpt, "--data-file", data_file, "--device", "cpu", "--limit", 31]
     one = run_script("hellaswag.py", *args, "--out", tmp_path / "one.json")
     assert one.returncode == 0, one.stderr
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "hellaswag.py"), *map(str, args), "--out", str(tmp_path / "two.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        os.path.join(ROOT, "hellaswag.py"),
+        *map(str, args),
+        "--out",
+        str(tmp_path / "two.json"),
+    ]
     two = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
@@ -149,8 +179,14 @@ def test_bad_data_files_name_line_and_field(tmp_path):
     good = json.dumps(synthetic_hellaswag(1)[0])
     cases = [
         ("{not json", "line 2: not JSON"),
-        (json.dumps({**json.loads(good), "endings": ["a", "b"]}), "line 2: field 'endings' must be a list of 4 strings"),
-        (json.dumps({k: v for k, v in json.loads(good).items() if k != "ctx_b"}), "line 2: field 'ctx_b' is missing or not a string"),
+        (
+            json.dumps({**json.loads(good), "endings": ["a", "b"]}),
+            "line 2: field 'endings' must be a list of 4 strings",
+        ),
+        (
+            json.dumps({k: v for k, v in json.loads(good).items() if k != "ctx_b"}),
+            "line 2: field 'ctx_b' is missing or not a string",
+        ),
         (json.dumps({**json.loads(good), "label": 7}), "line 2: field 'label' must be 0, 1, 2 or 3, got 7"),
     ]
     for bad, message in cases:

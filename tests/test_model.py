@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model import GPT, GPT2_VOCAB_SIZE, GPTConfig, MODEL_SIZES, sample_next_token
+from model import GPT, GPT2_VOCAB_SIZE, MODEL_SIZES, GPTConfig, sample_next_token
 
 
 def tiny_config(**kw):
@@ -59,7 +59,9 @@ def test_attention_is_causal():
     assert not torch.allclose(a[:, 10:], b[:, 10:], atol=1e-3)
 
 
-@pytest.mark.parametrize("shape", [dict(n_layer=2, n_head=4, n_embd=64), dict(n_layer=3, n_head=6, n_embd=96, n_positions=48)])
+@pytest.mark.parametrize(
+    "shape", [dict(n_layer=2, n_head=4, n_embd=64), dict(n_layer=3, n_head=6, n_embd=96, n_positions=48)]
+)
 def test_from_pretrained_matches_transformers(hf_gpt2_dir, shape):
     hf_model, directory = hf_gpt2_dir(**shape)
     model = GPT.from_pretrained(str(directory)).eval()
@@ -95,7 +97,9 @@ def test_from_pretrained_errors(tmp_path, hf_gpt2_dir):
     with pytest.raises(ValueError, match="unknown model 'gpt3'"):
         GPT.from_pretrained("gpt3")
     (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "config.json").write_text(json.dumps(dict(n_positions=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8)))
+    (tmp_path / "empty" / "config.json").write_text(
+        json.dumps(dict(n_positions=8, vocab_size=10, n_layer=1, n_head=1, n_embd=8))
+    )
     with pytest.raises(FileNotFoundError, match="neither model.safetensors nor pytorch_model.bin"):
         GPT.from_pretrained(str(tmp_path / "empty"))
     _, directory = hf_gpt2_dir()
@@ -128,7 +132,9 @@ def test_export_loads_in_transformers_with_padded_rows_dropped(tmp_path):
         assert torch.allclose(again(idx)[0], ours[..., :GPT2_VOCAB_SIZE], atol=1e-5)
 
 
-@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0), dict(temperature=0.8, top_k=20, top_p=0.9)])
+@pytest.mark.parametrize(
+    "sampling", [dict(temperature=0), dict(temperature=1.0), dict(temperature=0.8, top_k=20, top_p=0.9)]
+)
 def test_cached_generation_equals_uncached(sampling):
     torch.manual_seed(0)
     model = GPT(tiny_config(block_size=24)).eval()

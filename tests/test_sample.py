@@ -34,10 +34,18 @@ def test_contract_json_streaming_and_determinism(tiny_checkpoint, tmp_path):
 
 def test_top_k_1_is_transformers_greedy_generate(hf_gpt2_dir, tmp_path):
     hf_model, directory = hf_gpt2_dir(vocab_size=50257, n_positions=64, n_embd=32, n_head=2)
-    out, _ = sample_json(directory, tmp_path, "--top-k", 1, "--num-samples", 2, "--max-new-tokens", 20, "--prompt", "The quick brown fox")
+    out, _ = sample_json(
+        directory, tmp_path, "--top-k", 1, "--num-samples", 2, "--max-new-tokens", 20, "--prompt", "The quick brown fox"
+    )
     prompt = torch.tensor([get_tokenizer().encode("The quick brown fox")])
-    expected = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=20,
-                                 min_new_tokens=20, pad_token_id=EOT)
+    expected = hf_model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        do_sample=False,
+        max_new_tokens=20,
+        min_new_tokens=20,
+        pad_token_id=EOT,
+    )
     assert out[0]["tokens"] == expected[0, prompt.shape[1] :].tolist()
     assert out[1]["tokens"] == out[0]["tokens"]
 
@@ -82,7 +90,9 @@ def test_never_emits_padded_ids_and_stops_at_eot(tiny_checkpoint):
 def test_long_prompts_are_cropped_from_the_left_with_a_warning(tiny_checkpoint, tmp_path):
     ckpt = tiny_checkpoint(block_size=16)
     out, r = sample_json(ckpt, tmp_path, "--prompt", ("one two three four " * 10).strip(), "--max-new-tokens", 20)
-    assert "warning: the prompt has 40 tokens, more than the model's context of 16: only its last 16 are read" in r.stderr
+    assert (
+        "warning: the prompt has 40 tokens, more than the model's context of 16: only its last 16 are read" in r.stderr
+    )
     assert all(len(s["tokens"]) == 20 for s in out)
 
 

@@ -51,8 +51,16 @@ def test_reference_run_configuration():
     assert (c.eval_interval, c.hellaswag_interval, c.sample_interval, c.checkpoint_interval) == (250, 250, 250, 1000)
     assert 5e9 / c.total_batch == pytest.approx(c.max_steps, abs=1)
     big = train.parse_config(["--preset", "gpt2-1558m", "--micro-batch", "4"])
-    assert (big.n_layer, big.n_head, big.n_embd, big.micro_batch) == (48, 25, 1600, 4)  # an explicit flag beats the preset
-    assert train.parse_config(["--preset", "gpt2-350m"]).n_embd == 1024 and train.parse_config(["--preset", "gpt2-774m"]).n_layer == 36
+    assert (big.n_layer, big.n_head, big.n_embd, big.micro_batch) == (
+        48,
+        25,
+        1600,
+        4,
+    )  # an explicit flag beats the preset
+    assert (
+        train.parse_config(["--preset", "gpt2-350m"]).n_embd == 1024
+        and train.parse_config(["--preset", "gpt2-774m"]).n_layer == 36
+    )
     assert train.parse_config(["--no-compile"]).compile is False and train.parse_config([]).compile is None
 
 
@@ -73,7 +81,12 @@ def test_log_checkpoints_samples_plot_and_export(data_dir, tmp_path):
     run_train(*tiny(data_dir, out, "--keep-checkpoints", 2, "--export", tmp_path / "hf"))
     lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     first = lines[0]
-    assert first["event"] == "config" and first["world_size"] == 1 and first["grad_accum_steps"] == 4 and first["total_batch"] == 512
+    assert (
+        first["event"] == "config"
+        and first["world_size"] == 1
+        and first["grad_accum_steps"] == 4
+        and first["total_batch"] == 512
+    )
     steps = [r for r in lines if "train_loss" in r]
     assert [r["step"] for r in steps] == list(range(20))
     assert {"step", "train_loss", "lr", "grad_norm", "dt_ms", "tokens_per_sec"} <= set(steps[0])
@@ -87,7 +100,11 @@ def test_log_checkpoints_samples_plot_and_export(data_dir, tmp_path):
     assert ckpt["step"] == 20 and not any(k.startswith("_orig_mod.") for k in ckpt["model"])
     assert set(ckpt["rng"]) >= {"python", "numpy", "torch"}
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "misc", "plot_log.py"), out / "log.jsonl", tmp_path / "again.png"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "misc", "plot_log.py"), out / "log.jsonl", tmp_path / "again.png"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and (tmp_path / "again.png").exists()
 
     from transformers import GPT2LMHeadModel
@@ -103,7 +120,14 @@ def test_log_checkpoints_samples_plot_and_export(data_dir, tmp_path):
 
 def test_two_processes_give_the_same_losses_as_one(data_dir, tmp_path):
     run_train(*tiny(data_dir, tmp_path / "one", "--max-steps", 8))
-    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "train.py"), *tiny(data_dir, tmp_path / "two", "--max-steps", 8)]
+    cmd = [
+        *TORCHRUN,
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        os.path.join(ROOT, "train.py"),
+        *tiny(data_dir, tmp_path / "two", "--max-steps", 8),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
@@ -126,8 +150,21 @@ def test_two_nodes_on_loopback_give_the_same_losses_as_one(data_dir, tmp_path):
     port = free_port()
     procs, logs = [], []
     for node_rank in (0, 1):
-        cmd = [*TORCHRUN, "--nnodes", "2", "--node_rank", str(node_rank), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
-               "--master_port", str(port), os.path.join(ROOT, "train.py"), *tiny(data_dir, tmp_path / "two", "--max-steps", 6)]
+        cmd = [
+            *TORCHRUN,
+            "--nnodes",
+            "2",
+            "--node_rank",
+            str(node_rank),
+            "--nproc_per_node",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            os.path.join(ROOT, "train.py"),
+            *tiny(data_dir, tmp_path / "two", "--max-steps", 6),
+        ]
         logs.append(open(tmp_path / f"node{node_rank}.log", "w"))
         procs.append(subprocess.Popen(cmd, stdout=logs[-1], stderr=subprocess.STDOUT))
     deadline = time.time() + 120
@@ -153,8 +190,11 @@ def test_resume_after_sigkill_is_bit_exact(data_dir, tmp_path):
     args = ["--max-steps", 80, "--checkpoint-interval", 10, "--eval-interval", 40, "--sample-interval", 0]
     run_train(*tiny(data_dir, tmp_path / "straight", *args))
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *tiny(data_dir, out, *args)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), *tiny(data_dir, out, *args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if (out / "log.jsonl").exists() and 37 in train_losses(out):
@@ -167,7 +207,7 @@ def test_resume_after_sigkill_is_bit_exact(data_dir, tmp_path):
     run_train(*tiny(data_dir, out, *args, "--resume"))
     after = (out / "log.jsonl").read_text()
     assert after.startswith(before)  # appended, never truncated
-    resume = [json.loads(line) for line in after[len(before):].splitlines()][0]
+    resume = [json.loads(line) for line in after[len(before) :].splitlines()][0]
     assert resume["event"] == "resume" and resume["step"] in (30, 40)
     assert train_losses(out) == train_losses(tmp_path / "straight")  # every step, bit for bit
 
@@ -211,16 +251,31 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp
 
 def test_errors_are_one_line(data_dir, tmp_path):
     cases = [
-        (tiny(data_dir, tmp_path / "a", "--total-batch", 500), "error: --total-batch 500 is not divisible by --seq-len 32 x 1 processes = 32"),
+        (
+            tiny(data_dir, tmp_path / "a", "--total-batch", 500),
+            "error: --total-batch 500 is not divisible by --seq-len 32 x 1 processes = 32",
+        ),
         (tiny(data_dir, tmp_path / "e", "--micro-batch", 0), "error: --micro-batch must be at least 1, got 0"),
         (tiny(data_dir, tmp_path / "f", "--seq-len", -5), "error: --seq-len must be at least 1, got -5"),
         (tiny(data_dir, tmp_path / "g", "--n-head", 0), "error: --n-head must be at least 1, got 0"),
         (tiny(data_dir, tmp_path / "h", "--device", "cuda"), "error: device 'cuda': no CUDA GPU is visible"),
-        (tiny(data_dir, tmp_path / "i", "--device", "tpu"), "error: unknown device 'tpu': use cpu, cuda, cuda:N, mps or auto"),
-        (tiny(tmp_path / "nowhere", tmp_path / "b"), f"error: data directory {tmp_path / 'nowhere'} does not exist: run download-fineweb-edu.py first"),
-        (tiny(data_dir, tmp_path / "c", "--n-embd", 100, "--n-head", 3), "error: --n-embd 100 is not divisible by --n-head 3"),
+        (
+            tiny(data_dir, tmp_path / "i", "--device", "tpu"),
+            "error: unknown device 'tpu': use cpu, cuda, cuda:N, mps or auto",
+        ),
+        (
+            tiny(tmp_path / "nowhere", tmp_path / "b"),
+            f"error: data directory {tmp_path / 'nowhere'} does not exist: run download-fineweb-edu.py first",
+        ),
+        (
+            tiny(data_dir, tmp_path / "c", "--n-embd", 100, "--n-head", 3),
+            "error: --n-embd 100 is not divisible by --n-head 3",
+        ),
         (["--preset", "huge"], "train.py: error: unknown --preset 'huge'"),
-        (tiny(data_dir, tmp_path / "d", "--micro-batch", "x"), "train.py: error: argument --micro-batch: not a number: 'x'"),
+        (
+            tiny(data_dir, tmp_path / "d", "--micro-batch", "x"),
+            "train.py: error: argument --micro-batch: not a number: 'x'",
+        ),
     ]
     for args, message in cases:
         r = run_script("train.py", *args)
@@ -230,9 +285,25 @@ def test_errors_are_one_line(data_dir, tmp_path):
 
 def test_quickstart_smoke_run_builds_data_and_learns(tmp_path):
     env = dict(os.environ, NGPU="0")
-    args = ["--preset", "quickstart", "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", "--max-steps", 40,
-            "--eval-interval", 20, "--sample-interval", 40, "--checkpoint-interval", 20]
-    r = subprocess.run([os.path.join(ROOT, "train.sh"), *map(str, args)], capture_output=True, text=True, env=env, timeout=600)
+    args = [
+        "--preset",
+        "quickstart",
+        "--data-dir",
+        tmp_path / "data",
+        "--out-dir",
+        tmp_path / "out",
+        "--max-steps",
+        40,
+        "--eval-interval",
+        20,
+        "--sample-interval",
+        40,
+        "--checkpoint-interval",
+        20,
+    ]
+    r = subprocess.run(
+        [os.path.join(ROOT, "train.sh"), *map(str, args)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert r.returncode == 0, r.stderr
     assert any(n.startswith("pydocs_val_") for n in os.listdir(tmp_path / "data"))
     records = read_log(tmp_path / "out" / "log.jsonl")
@@ -265,17 +336,30 @@ def test_train_sh_command_lines(fake_nvidia_smi, monkeypatch):
     for key in ("NGPU", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     assert train_sh(fake_nvidia_smi(0), "--preset", "quickstart")[1] == "python train.py --preset quickstart"
-    assert train_sh(fake_nvidia_smi(1), "--max-steps", "5")[1] == "torchrun --standalone --nproc_per_node 1 train.py --max-steps 5"
-    assert train_sh(fake_nvidia_smi(8), "--out-dir", "my log")[1] == "torchrun --standalone --nproc_per_node 8 train.py --out-dir my\\ log"
+    assert (
+        train_sh(fake_nvidia_smi(1), "--max-steps", "5")[1]
+        == "torchrun --standalone --nproc_per_node 1 train.py --max-steps 5"
+    )
+    assert (
+        train_sh(fake_nvidia_smi(8), "--out-dir", "my log")[1]
+        == "torchrun --standalone --nproc_per_node 8 train.py --out-dir my\\ log"
+    )
     env = dict(fake_nvidia_smi(8), NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1", MASTER_PORT="1234")
-    assert train_sh(env)[1] == "torchrun --nnodes 2 --node_rank 1 --nproc_per_node 8 --master_addr 10.0.0.1 --master_port 1234 train.py"
+    assert (
+        train_sh(env)[1]
+        == "torchrun --nnodes 2 --node_rank 1 --nproc_per_node 8 --master_addr 10.0.0.1 --master_port 1234 train.py"
+    )
     rc, _, err = train_sh(dict(env, NODE_RANK=""))
     assert rc != 0 and "set NODE_RANK" in err
 
 
 def test_compiled_training_evaluates_samples_and_saves_plain_weights(data_dir, tmp_path):
     run_train(*tiny(data_dir, tmp_path / "plain", "--max-steps", 4, "--eval-interval", 2, "--sample-interval", 4))
-    run_train(*tiny(data_dir, tmp_path / "compiled", "--max-steps", 4, "--eval-interval", 2, "--sample-interval", 4, "--compile"))
+    run_train(
+        *tiny(
+            data_dir, tmp_path / "compiled", "--max-steps", 4, "--eval-interval", 2, "--sample-interval", 4, "--compile"
+        )
+    )
     records = read_log(tmp_path / "compiled" / "log.jsonl")
     assert [r["step"] for r in records if "val_loss" in r] == [0, 2, 4] and any("samples" in r for r in records)
     plain, compiled = train_losses(tmp_path / "plain"), train_losses(tmp_path / "compiled")
@@ -293,6 +377,17 @@ def test_hellaswag_runs_inside_training_or_is_skipped_with_one_warning(data_dir,
     evals = [r for r in read_log(tmp_path / "with" / "log.jsonl") if "hellaswag_acc_norm" in r]
     assert [r["step"] for r in evals] == [0, 2, 4] and all(r["hellaswag_examples"] == 12 for r in evals)
     assert all(0 <= r["hellaswag_acc_norm"] <= 1 for r in evals)
-    r = run_train(*tiny(data_dir, tmp_path / "without", "--max-steps", 4, "--hellaswag-interval", 2, "--hellaswag-file", tmp_path / "none.jsonl"))
+    r = run_train(
+        *tiny(
+            data_dir,
+            tmp_path / "without",
+            "--max-steps",
+            4,
+            "--hellaswag-interval",
+            2,
+            "--hellaswag-file",
+            tmp_path / "none.jsonl",
+        )
+    )
     assert r.stderr.count("warning: HellaSwag is skipped") == 1
     assert not any("hellaswag_acc_norm" in rec for rec in read_log(tmp_path / "without" / "log.jsonl"))
