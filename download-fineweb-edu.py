@@ -19,13 +19,24 @@ import glob
 import json
 import multiprocessing as mp
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm import tqdm
 
-from utils import EOT, UserError, atomic_write, config_parser, first_line, get_tokenizer, run_cli, sha256_file
+from utils import (
+    EOT,
+    UserError,
+    atomic_write,
+    check_token_ids,
+    config_parser,
+    first_line,
+    get_tokenizer,
+    run_cli,
+    sha256_file,
+)
 
 MANIFEST = "manifest.json"
 EOT_ARRAY = np.array([EOT], dtype=np.uint32)
@@ -86,41 +97,83 @@ def open_dataset(args, files):
     import datasets
 
     if files:
-        if all(os.path.getsize(f) == 0 for f in files):
-            raise UserError(f"empty corpus: {', '.join(files)} holds no documents")
         fmt = file_format(files)
         extra = dict(sample_by="document") if fmt == "text" else dict()  # a .txt file is one document
         try:
             return datasets.load_dataset(fmt, data_files=files, split="train", streaming=True, **extra)
         except Exception as e:  # it reads the first rows to learn the columns
-            raise UserError(f"cannot read {', '.join(files)}: {first_line(e)}") from None
+            raise UserError(
+                f"cannot read {', '.join(files)}: {explain_read_error(files[0], args.text_field, e)}"
+            ) from e
     try:
         return datasets.load_dataset(args.dataset, name=args.name, split=args.split, streaming=True)
     except Exception as e:  # offline: ConnectionError; the hub client raises several other kinds too
         raise UserError(
             f"cannot open {args.dataset} ({args.name}) on the Hugging Face hub: {first_line(e)}; "
             "with no network, tokenize local files with --data-files"
-        ) from None
+        ) from e
 
 
-def document_batches(dataset, text_field, source, skip, batch_size=1024):
-    """Lists of document texts, in order, leaving out the first `skip` documents."""
-    batches = iter(dataset.iter(batch_size=batch_size))
+def first_bad_line(path, text_field):
+    """Where a jsonl file goes wrong, as 'line N ...' (datasets counts rows per chunk, not lines), or None."""
+    if file_format([path]) != "json":
+        return None
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                return f"line {n} is not UTF-8 (byte {e.start + 1} of the line)"
+            except json.JSONDecodeError as e:
+                return f"line {n} is not JSON ({e.msg})"
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                return f"line {n}: field {text_field!r} is {describe_text(text)}"
+    return None
+
+
+def describe_text(text):
+    return "missing" if text is None else f"{type(text).__name__}, not a string"
+
+
+def explain_read_error(path, text_field, e):
+    return first_bad_line(path, text_field) or first_line(e)
+
+
+def document_batches(args, files, skip, batch_size=1024):
+    """Lists of document texts, in order, leaving out the first `skip` documents. Local files are read one at a
+    time, so that a bad document is reported by file and row."""
+    sources = (
+        [([f], f) for f in files if os.path.getsize(f) > 0] if files else [(None, f"{args.dataset} ({args.name})")]
+    )
     seen = 0
-    while True:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            return
-        except Exception as e:  # datasets wraps bad JSON, bad parquet and I/O errors in many exception types
-            raise UserError(f"cannot read {source}: {first_line(e)}") from None
-        if text_field not in batch:
-            raise UserError(f"{source} has no field {text_field!r} (fields: {', '.join(batch)}); set --text-field")
-        texts = batch[text_field]
-        start = min(max(skip - seen, 0), len(texts))
-        seen += len(texts)
-        if start < len(texts):
-            yield [t or "" for t in texts[start:]]
+    for source_files, name in sources:
+        batches = iter(open_dataset(args, source_files).iter(batch_size=batch_size))
+        row = 0  # rows of this source read so far
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as e:  # datasets wraps bad JSON, bad parquet and I/O errors in many exception types
+                where = explain_read_error(name, args.text_field, e) if files else first_line(e)
+                raise UserError(f"cannot read {name}: {where}") from e
+            if args.text_field not in batch:
+                fields = ", ".join(batch)
+                raise UserError(f"{name} has no field {args.text_field!r} (fields: {fields}); set --text-field")
+            texts = batch[args.text_field]
+            for i, text in enumerate(texts):
+                if not isinstance(text, str):  # never written as an empty document: the shards would not say so
+                    where = first_bad_line(name, args.text_field) if files else None
+                    where = where or f"row {row + i + 1}: field {args.text_field!r} is {describe_text(text)}"
+                    raise UserError(f"{name}: {where}")
+            row += len(texts)
+            start = min(max(skip - seen, 0), len(texts))
+            seen += len(texts)
+            if start < len(texts):
+                yield texts[start:]
 
 
 def tokenize_batch(texts):
@@ -169,27 +222,80 @@ def source_settings(args, files):
     return source
 
 
+def describe_write_error(e, out_dir, needed_bytes):
+    """What went wrong in a write, in words; a full disk (numpy reports it as "N requested and M written") with how
+    much room is left and needed."""
+    free = shutil.disk_usage(out_dir).free if os.path.isdir(out_dir) else None
+    if e.errno == errno.ENOSPC or (free is not None and free < needed_bytes):
+        return f"the disk holding {out_dir} is full ({free / 1e6:,.1f} MB free, {needed_bytes / 1e6:,.1f} MB needed)"
+    return first_line(e)
+
+
+def check_out_dir(out_dir):
+    """Fail before any downloading or tokenizing if the shards could not be written; create nothing yet."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out-dir {out_dir} is a file, not a directory")
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"cannot create --out-dir {out_dir}: {existing} is a file")
+    probe = os.path.join(existing, f".write-test.{os.getpid()}.tmp")
+    try:
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to --out-dir {out_dir}: {e.strerror} ({existing})") from e
+
+
 def write_json_atomic(path, obj):
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=1)
 
 
-def load_manifest(out_dir, source):
+def read_manifest(out_dir):
+    path = os.path.join(out_dir, MANIFEST)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        if not isinstance(manifest["source"], dict) or not isinstance(manifest["shards"], list):
+            raise TypeError("source or shards of the wrong type")
+        return manifest
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise UserError(
+            f"{path} is damaged ({first_line(e)}): the shards cannot be checked or continued without it; "
+            "restore it, or start over in another --out-dir"
+        ) from e
+
+
+def input_fingerprint(files):
+    """Size and modification time of each local input: a corpus edited between a kill and the rerun is noticed."""
+    return [dict(file=f, size=os.path.getsize(f), mtime_ns=os.stat(f).st_mtime_ns) for f in files]
+
+
+def load_manifest(out_dir, source, files):
     """The manifest of an earlier run with the same settings, or a fresh one; refuses an out dir made otherwise."""
     path = os.path.join(out_dir, MANIFEST)
     if os.path.exists(path):
-        with open(path) as f:
-            manifest = json.load(f)
+        manifest = read_manifest(out_dir)
         for key in sorted(set(source) | set(manifest["source"])):
             if manifest["source"].get(key) != source.get(key):
                 raise UserError(
                     f"{out_dir} holds shards made with {key}={manifest['source'].get(key)!r}, not {source.get(key)!r}: "
                     "use another --out-dir, or delete this one to start over"
                 )
+        for was, now in zip(manifest.get("inputs", []), input_fingerprint(files)):
+            if was != now and not manifest["complete"]:
+                raise UserError(
+                    f"{now['file']} changed since {out_dir} was started (size {was['size']:,} -> "
+                    f"{now['size']:,} bytes, or its modification time): the shards so far hold the old text; "
+                    "restore the file, or start over in another --out-dir"
+                )
         return manifest
     if os.path.isdir(out_dir) and any(n.endswith(".npy") for n in os.listdir(out_dir)):
         raise UserError(f"{out_dir} holds .npy files but no {MANIFEST}: use an empty --out-dir")
-    return dict(source=source, shards=[], complete=False)
+    return dict(source=source, inputs=input_fingerprint(files), shards=[], complete=False)
 
 
 class ShardWriter:
@@ -212,14 +318,14 @@ class ShardWriter:
         name = f"{self.manifest['source']['prefix']}_{self.split}_{index:06d}.npy"
         path = os.path.join(self.out_dir, name)
         try:
+            os.makedirs(self.out_dir, exist_ok=True)  # only now: a run that never gets data leaves no empty folder
             with atomic_write(path) as f:
                 np.save(f, self.buffer[: self.fill])
         except OSError as e:
-            what = "disk full" if e.errno == errno.ENOSPC else first_line(e)
             raise UserError(
-                f"{what} while writing {path}: the partial shard was removed, "
-                f"the {index} finished shards and {MANIFEST} are intact"
-            ) from None
+                f"{describe_write_error(e, self.out_dir, 2 * self.shard_size)} while writing {path}: the partial shard "
+                f"was removed, the {index} finished shards and {MANIFEST} are intact; run again to continue"
+            ) from e
         self.manifest["shards"].append(
             dict(
                 file=name,
@@ -231,7 +337,13 @@ class ShardWriter:
                 sha256=sha256_file(path),
             )
         )
-        write_json_atomic(os.path.join(self.out_dir, MANIFEST), self.manifest)
+        try:
+            write_json_atomic(os.path.join(self.out_dir, MANIFEST), self.manifest)
+        except OSError as e:
+            raise UserError(
+                f"{describe_write_error(e, self.out_dir, 1_000_000)} while writing {MANIFEST} in {self.out_dir}: "
+                f"it still lists the {index} shards before {name}; run again to continue (that shard is rewritten)"
+            ) from e
         self.fill = 0
         self.first_document = None
 
@@ -241,9 +353,8 @@ def tokenize_to_shards(args, files, manifest, progress):
     writer = ShardWriter(args.out_dir, manifest)
     doc_index, offset = manifest["shards"][-1]["next"] if manifest["shards"] else (0, 0)
     train_written = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "train")
-    dataset = open_dataset(args, files)
     source = ", ".join(files) if files else f"{args.dataset} ({args.name})"
-    batches = document_batches(dataset, args.text_field, source, skip=doc_index)
+    batches = document_batches(args, files, skip=doc_index)
     for doc in tokenized_documents(batches, args.workers):
         pos = offset  # a resumed run skips what the previous shard already holds of this document
         offset = 0
@@ -280,11 +391,9 @@ def tokenize_to_shards(args, files, manifest, progress):
 
 def verify(out_dir):
     """Check every shard against the manifest; returns the number of shards, or raises naming the first bad file."""
-    path = os.path.join(out_dir, MANIFEST)
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(out_dir, MANIFEST)):
         raise UserError(f"no {MANIFEST} in {out_dir}: nothing to verify")
-    with open(path) as f:
-        manifest = json.load(f)
+    manifest = read_manifest(out_dir)
     for shard in manifest["shards"]:
         file = os.path.join(out_dir, shard["file"])
         if not os.path.exists(file):
@@ -301,6 +410,10 @@ def verify(out_dir):
             )
         if sha256_file(file) != shard["sha256"]:
             raise UserError(f"verify failed: {file} does not match its sha256 in the manifest")
+        try:
+            check_token_ids(tokens, file)
+        except UserError as e:
+            raise UserError(f"verify failed: {e}") from e
     return manifest
 
 
@@ -312,14 +425,14 @@ def main(argv=None):
         state = "complete" if manifest["complete"] else "incomplete: run again to continue"
         print(f"ok: {len(manifest['shards'])} shards, {tokens:,} tokens match {MANIFEST} ({state})")
         return
+    check_out_dir(args.out_dir)
     files = resolve_data_files(args.data_files) if args.data_files else []
     source = source_settings(args, files)
-    manifest = load_manifest(args.out_dir, source)
+    manifest = load_manifest(args.out_dir, source, files)
     if manifest["complete"]:
         print(f"{args.out_dir} is complete ({len(manifest['shards'])} shards); --verify checks it")
         return
-    os.makedirs(args.out_dir, exist_ok=True)
-    for name in os.listdir(args.out_dir):
+    for name in os.listdir(args.out_dir) if os.path.isdir(args.out_dir) else []:
         if name.endswith(".tmp"):  # a shard or manifest left half-written by a killed run
             os.remove(os.path.join(args.out_dir, name))
 

@@ -199,6 +199,8 @@ def predict(example, logprob_sums, n_tokens):
 def evaluate(model, examples, device, batch_size=32, ddp_rank=0, ddp_world_size=1):
     """Scores on the examples in both conventions, as fractions. Each rank scores every ddp_world_size-th example;
     the counts are summed over ranks, so the result equals a single process's."""
+    if batch_size < 1:  # a batch of no rows would score nothing and report it as 100%
+        raise UserError(f"the HellaSwag batch size must be at least 1, got {batch_size}")
     enc = get_tokenizer()
     mine = examples[ddp_rank::ddp_world_size]
     rows = [row for ex in mine for row in build_rows(ex, enc)]
@@ -230,6 +232,10 @@ def format_table(results, name):
 
 def main(argv=None):
     args = Config(**vars(config_parser(Config, __doc__).parse_args(argv)))
+    if args.batch_size < 1 or args.limit < 0:
+        raise UserError(
+            f"--batch-size must be at least 1 and --limit 0 or more, got {args.batch_size} and {args.limit}"
+        )
     device, ddp_rank, _, ddp_world_size = setup_distributed(args.device)
     data_file = args.data_file or download(args.cache_dir)
     examples = load_examples(data_file, args.limit)

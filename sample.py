@@ -92,8 +92,11 @@ def main(argv=None):
     args = Config(**vars(config_parser(Config, __doc__).parse_args(argv)))
     if args.num_samples < 1 or args.max_new_tokens < 1:
         raise UserError("--num-samples and --max-new-tokens must be at least 1")
-    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        raise UserError("--temperature and --top-k must be >= 0, --top-p in (0, 1]")
+    if not (0 <= args.temperature < float("inf")) or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise UserError(
+            f"--temperature must be a number >= 0, --top-k >= 0 and --top-p in (0, 1]; "
+            f"got {args.temperature}, {args.top_k}, {args.top_p}"
+        )
     device = pick_device(args.device)
     model = load_model(args.model, device)
     samples = generate_samples(model, get_tokenizer(), args, device, stream=sys.stdout)

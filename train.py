@@ -12,9 +12,11 @@ to <out-dir>/log.jsonl (one JSON object per line) and a plot, <out-dir>/loss.png
 """
 
 import argparse
+import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -31,7 +33,6 @@ from utils import (
     ShardedDataLoader,
     UserError,
     all_ranks_agree,
-    append_jsonl,
     atomic_write,
     autocast,
     broadcast_from_rank0,
@@ -42,6 +43,7 @@ from utils import (
     load_script,
     peak_flops,
     plot_log,
+    read_jsonl,
     run_cli,
     save_checkpoint,
     setup_distributed,
@@ -88,7 +90,7 @@ class TrainConfig:
     num_samples: int = 4
     sample_tokens: int = 32
     checkpoint_interval: int = 1_000
-    keep_checkpoints: int = 3  # the newest N are kept
+    keep_checkpoints: int = 3  # the newest N are kept (0: all)
     export: str = ""  # at the end, write the model as a transformers directory here (lm-eval-harness can load it)
 
 
@@ -230,20 +232,96 @@ def set_rng_states(states, device):
         torch.cuda.set_rng_state(cuda.cpu(), device)
 
 
-def newest_good_checkpoint(out_dir):
-    """The newest checkpoint that loads; a damaged one is skipped with a warning."""
-    for path in reversed(list_checkpoints(out_dir)):
+def append_jsonl(path, record):
+    """One JSON object per line. A line cut short by a kill is ended first, so the new record starts a line of its own
+    (read_log skips the torn one)."""
+    with open(path, "a+b") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((json.dumps(record) + "\n").encode())
+
+
+def take_out_dir(out_dir):
+    """Lock out_dir for this run and clear what a killed run left half-written. A second train.py on the same
+    directory is refused at once; the kernel drops the lock when its process ends, even by kill -9."""
+    import fcntl
+    import socket
+
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, "train.lock"), "a+")
+    except OSError as e:
+        raise UserError(f"cannot write to --out-dir {out_dir}: {e.strerror}") from e
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "owner unknown"
+        raise UserError(
+            f"{out_dir} is in use by another train.py ({owner}): wait for it, or choose another --out-dir"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    for name in os.listdir(out_dir):
+        if name.endswith(".tmp"):  # a checkpoint or plot that a kill cut short: up to 1.5 GB each for 124M
+            os.remove(os.path.join(out_dir, name))
+    return lock
+
+
+# settings a checkpoint cannot continue under; any other change on --resume is allowed and logged
+FIXED_ON_RESUME = ("n_layer", "n_head", "n_embd", "seq_len", "total_batch")
+
+
+def find_start(config):
+    """Where this run starts: dict(path, checkpoint, damaged, finished) from the newest checkpoint that loads.
+    Damaged checkpoints are skipped with a warning, and never deleted; if none loads, the run is refused."""
+    paths = list_checkpoints(config.out_dir)
+    start = dict(path=None, checkpoint=None, damaged=[], finished=False)
+    if paths and not config.resume:
+        raise UserError(
+            f"{config.out_dir} holds checkpoints of an earlier run: "
+            "pass --resume to continue it, or choose another --out-dir"
+        )
+    if config.resume and not paths:
+        print(f"note: --resume: {config.out_dir} holds no checkpoint yet, so this run starts at step 0")
+    for path in reversed(paths):
         try:
-            return path, load_checkpoint(path)
+            start.update(path=path, checkpoint=load_checkpoint(path))
+            break
         except UserError as e:
             print(f"warning: skipping {path}: {e}", file=sys.stderr)
-    return None, None
+            start["damaged"].append(os.path.basename(path))
+    if paths and start["checkpoint"] is None:
+        raise UserError(
+            f"no checkpoint in {config.out_dir} can be read ({', '.join(start['damaged'])}); nothing was deleted: "
+            "restore one, or start over in another --out-dir"
+        )
+    if start["checkpoint"] is not None:
+        saved = start["checkpoint"]["config"]
+        fixed = [k for k in FIXED_ON_RESUME if saved.get(k) != getattr(config, k)]
+        if fixed:
+            raise UserError(
+                f"{start['path']} was trained with "
+                + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)}" for k in fixed)
+                + "; this run asks for "
+                + ", ".join(f"--{k.replace('_', '-')} {getattr(config, k)}" for k in fixed)
+                + ": resume with the checkpoint's settings"
+            )
+        log_path = os.path.join(config.out_dir, "log.jsonl")
+        start["finished"] = (
+            os.path.exists(log_path)
+            and start["checkpoint"]["step"] >= config.max_steps
+            and any(r.get("event") == "finished" and r.get("step") == config.max_steps for r in read_jsonl(log_path))
+        )
+    return start
 
 
 def prepare_quickstart_data(data_dir):
     """Python's documentation as a jsonl corpus, tokenized into shards by the downloader's own code."""
-    import json
-
     from utils import python_docs_corpus
 
     os.makedirs(data_dir, exist_ok=True)
@@ -256,7 +334,7 @@ def prepare_quickstart_data(data_dir):
     downloader.main(["--data-files", corpus, "--out-dir", data_dir, "--prefix", "pydocs", "--shard-size", "50000"])
 
 
-def write_checkpoint(config, raw_model, optimizer, model_config, step, train_loader, val_loss, device):
+def write_checkpoint(config, raw_model, optimizer, model_config, step, train_loader, val_loss, device, damaged):
     path = os.path.join(config.out_dir, f"ckpt_{step:06d}.pt")
     save_checkpoint(
         path,
@@ -271,8 +349,11 @@ def write_checkpoint(config, raw_model, optimizer, model_config, step, train_loa
             rng=rng_states(device),
         ),
     )
-    for old in list_checkpoints(config.out_dir)[: -config.keep_checkpoints]:
-        os.remove(old)
+    damaged.discard(os.path.basename(path))  # replaced by a good one
+    if config.keep_checkpoints > 0:  # pruned among the readable ones: a damaged file may sort newer than them all
+        readable = [p for p in list_checkpoints(config.out_dir) if os.path.basename(p) not in damaged]
+        for old in readable[: -config.keep_checkpoints]:
+            os.remove(old)
     print(f"saved {path}")
 
 
@@ -307,18 +388,49 @@ def check_config(config):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     if config.n_embd % config.n_head != 0:
         raise UserError(f"--n-embd {config.n_embd} is not divisible by --n-head {config.n_head}")
+    for name in (
+        "max_steps",
+        "keep_checkpoints",
+        "eval_interval",
+        "hellaswag_interval",
+        "sample_interval",
+        "checkpoint_interval",
+        "val_steps",
+        "warmup_steps",
+        "num_samples",
+        "sample_tokens",
+        "hellaswag_limit",
+    ):
+        if getattr(config, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(config, name)}")
+    if not (math.isfinite(config.max_lr) and config.max_lr > 0):
+        raise UserError(f"--max-lr must be a positive number, got {config.max_lr}")
 
 
-def find_checkpoint(config):
-    """The checkpoint to start from, (path, state) or (None, None); refuses to run over an earlier run unless
-    resumed."""
-    checkpoint_path, checkpoint = newest_good_checkpoint(config.out_dir)
-    if checkpoint is not None and not config.resume:
-        raise UserError(
-            f"{config.out_dir} holds checkpoints of an earlier run: "
-            "pass --resume to continue it, or choose another --out-dir"
-        )
-    return checkpoint_path, checkpoint
+class StopSignal:
+    """SIGTERM (how SLURM and Kubernetes stop a job) or Ctrl-C: the run finishes its step, writes a checkpoint and
+    exits; a second signal ends it at once."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, signal.SIG_DFL)  # the second one is not caught
+        name = signal.Signals(signum).name
+        print(f"{name}: stopping after this step with a checkpoint (send it again to stop at once)", file=sys.stderr)
+
+    def agreed(self, device):
+        """The signal any rank received (0: none), the same on every rank, so that all stop after the same step."""
+        signum = torch.tensor(self.signum or 0, device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        return int(signum.item())
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def generate_text(raw_model, enc, config, device):
@@ -372,9 +484,15 @@ def main(argv=None):
         return train_loader, val_loader
 
     train_loader, val_loader = all_ranks_agree(open_data)
-    # rank 0 reads the checkpoint and every rank gets it from rank 0: the other nodes need not see rank 0's disk
-    checkpoint_path, checkpoint = all_ranks_agree(lambda: find_checkpoint(config) if master_process else (None, None))
-    checkpoint_path, checkpoint = broadcast_from_rank0((checkpoint_path, checkpoint), device)
+    # rank 0 owns the out dir (log, plots, checkpoints) and decides where the run starts; every rank gets its
+    # checkpoint from rank 0, so the other nodes need not see rank 0's disk
+    lock = all_ranks_agree(lambda: take_out_dir(config.out_dir) if master_process else None)  # noqa: F841 (held)
+    start = broadcast_from_rank0(all_ranks_agree(lambda: find_start(config) if master_process else None), device)
+    if start["finished"]:
+        if master_process:
+            print(f"{config.out_dir} is finished: all {config.max_steps} steps are done (a larger --max-steps goes on)")
+        teardown_distributed()
+        return
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     if is_cuda:
@@ -387,60 +505,48 @@ def main(argv=None):
         config.weight_decay, config.max_lr, (config.beta1, config.beta2), "cuda" if is_cuda else device, config.eps
     )
 
-    start_step = 0
-    if checkpoint is not None:
-        if (
-            checkpoint["model_config"] != asdict(model_config)
-            or checkpoint["config"]["total_batch"] != config.total_batch
-        ):
-            raise UserError(
-                f"{checkpoint_path} was trained with another model shape or --total-batch: "
-                "resume with the same settings"
-            )
+    start_step, changes = 0, {}
+    if start["checkpoint"] is not None:
+        checkpoint = start["checkpoint"]
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         all_ranks_agree(lambda: train_loader.load_state_dict(checkpoint["train_loader"]))
         set_rng_states(checkpoint["rng"], device)
         start_step = checkpoint["step"]
-        del checkpoint
+        changes = {k: [checkpoint["config"].get(k), v] for k, v in asdict(config).items() if k != "resume"}
+        changes = {k: old_new for k, old_new in changes.items() if old_new[0] != old_new[1]}
+        del checkpoint, start["checkpoint"]
     raw_model = model  # evaluation, sampling and checkpoints use the plain module
     if compile_model:
         model = torch.compile(model)
     if ddp:
         model = DDP(model, device_ids=[ddp_local_rank] if is_cuda else None)
 
-    os.makedirs(config.out_dir, exist_ok=True)
     log_path = os.path.join(config.out_dir, "log.jsonl")
     peak = peak_flops(device)
     if master_process:
+        run = dict(world_size=ddp_world_size, grad_accum_steps=grad_accum_steps)
         if start_step == 0:
-            resolved = {
-                **asdict(config),
-                "device": device,
-                "compile": compile_model,
-                "micro_batch_requested": requested_micro_batch,
-            }
+            resolved = dict(asdict(config), device=device, compile=compile_model)
             append_jsonl(
                 log_path,
                 dict(
                     event="config",
                     **resolved,
-                    world_size=ddp_world_size,
-                    grad_accum_steps=grad_accum_steps,
+                    micro_batch_requested=requested_micro_batch,
+                    **run,
                     n_params=raw_model.num_params(),
                 ),
             )
         else:
             append_jsonl(
-                log_path,
-                dict(
-                    event="resume",
-                    step=start_step,
-                    checkpoint=checkpoint_path,
-                    world_size=ddp_world_size,
-                    grad_accum_steps=grad_accum_steps,
-                ),
+                log_path, dict(event="resume", step=start_step, checkpoint=start["path"], **run, changes=changes)
             )
+            if changes:
+                print(
+                    "note: settings changed since the checkpoint: "
+                    + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changes.items())
+                )
         print(
             f"{raw_model.num_params():,} parameters | {ddp_world_size} x {device} | {config.total_batch:,} tokens/step "
             f"= {config.micro_batch} x {config.seq_len} x {ddp_world_size} x {grad_accum_steps} grad accum "
@@ -449,68 +555,88 @@ def main(argv=None):
 
     hellaswag_examples = load_hellaswag(config, master_process, device) if config.hellaswag_interval > 0 else None
     enc = get_tokenizer()
+    damaged = set(start["damaged"])  # never pruned; replaced when this run writes the same step
     val_loss = None
-    for step in range(start_step, config.max_steps + 1):
-        last_step = step == config.max_steps
-        record = dict(step=step)
-        if config.eval_interval > 0 and (step % config.eval_interval == 0 or last_step):
-            val_loss = record["val_loss"] = evaluate_loss(
-                raw_model, val_loader, config.val_steps, device, ddp_world_size
-            )
-        if hellaswag_examples and (step % config.hellaswag_interval == 0 or last_step):
-            results = hellaswag.evaluate(raw_model, hellaswag_examples, device, 32, ddp_rank, ddp_world_size)
-            record.update({f"hellaswag_{k}": v for k, v in results.items()})
-        if master_process and len(record) > 1:
-            append_jsonl(log_path, record)
-            print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-            plot_log(log_path, os.path.join(config.out_dir, "loss.png"))
-        if (
-            master_process
-            and config.sample_interval > 0
-            and (step % config.sample_interval == 0 or last_step)
-            and step > 0
-        ):
-            samples = generate_text(raw_model, enc, config, device)
-            append_jsonl(log_path, dict(step=step, samples=samples))
-            for text in samples:
-                print(f"sample: {text!r}")
-        if last_step:
-            break
+    stop = StopSignal()
+    try:
+        for step in range(start_step, config.max_steps + 1):
+            last_step = step == config.max_steps
+            record = dict(step=step)
+            if config.eval_interval > 0 and (step % config.eval_interval == 0 or last_step):
+                val_loss = record["val_loss"] = evaluate_loss(
+                    raw_model, val_loader, config.val_steps, device, ddp_world_size
+                )
+            if hellaswag_examples and (step % config.hellaswag_interval == 0 or last_step):
+                results = hellaswag.evaluate(raw_model, hellaswag_examples, device, 32, ddp_rank, ddp_world_size)
+                record.update({f"hellaswag_{k}": v for k, v in results.items()})
+            if master_process and len(record) > 1:
+                append_jsonl(log_path, record)
+                print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+                plot_log(log_path, os.path.join(config.out_dir, "loss.png"))
+            sample_due = config.sample_interval > 0 and (step % config.sample_interval == 0 or last_step)
+            if master_process and sample_due and step > 0:
+                samples = generate_text(raw_model, enc, config, device)
+                append_jsonl(log_path, dict(step=step, samples=samples))
+                for text in samples:
+                    print(f"sample: {text!r}")
+            if last_step:
+                break
 
-        t0 = time.time()
-        lr = get_lr(step, config)
-        loss, norm = train_step(
-            model, optimizer, train_loader.next_batch, grad_accum_steps, device, lr, config.grad_clip, ddp_world_size
-        )
-        loss, norm = loss.item(), norm.item()  # waits for the GPU: the step's one sync
-        if not (math.isfinite(loss) and math.isfinite(norm)):
-            last = list_checkpoints(config.out_dir)
-            raise UserError(
-                f"step {step}: the train loss is {loss}, the gradient norm {norm}; stopped. "
-                "The last good checkpoint is "
-                f"{last[-1] if last else 'none'}: lower --max-lr or check the data, then --resume"
+            t0 = time.time()
+            lr = get_lr(step, config)
+            loss, norm = train_step(
+                model,
+                optimizer,
+                train_loader.next_batch,
+                grad_accum_steps,
+                device,
+                lr,
+                config.grad_clip,
+                ddp_world_size,
             )
-        dt = time.time() - t0
-        tokens_per_sec = config.total_batch / dt
-        if master_process:
-            entry = dict(
-                step=step, train_loss=loss, lr=lr, grad_norm=norm, dt_ms=dt * 1000, tokens_per_sec=tokens_per_sec
-            )
-            if peak:
-                entry["mfu"] = raw_model.estimate_mfu(tokens_per_sec / ddp_world_size, config.seq_len, peak)
-            append_jsonl(log_path, entry)
-            mfu = f" | mfu {100 * entry['mfu']:.1f}%" if peak else ""
-            print(
-                f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {dt * 1000:.1f}ms "
-                f"| tok/sec {tokens_per_sec:,.0f}{mfu}"
-            )
-        checkpoint_due = config.checkpoint_interval > 0 and (step + 1) % config.checkpoint_interval == 0
-        if master_process and (checkpoint_due or step + 1 == config.max_steps):
-            write_checkpoint(config, raw_model, optimizer, model_config, step + 1, train_loader, val_loss, device)
+            loss, norm = loss.item(), norm.item()  # waits for the GPU: the step's one sync
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                last = list_checkpoints(config.out_dir)
+                raise UserError(
+                    f"step {step}: the train loss is {loss}, the gradient norm {norm}; stopped. "
+                    "The last good checkpoint is "
+                    f"{last[-1] if last else 'none'}: lower --max-lr or check the data, then --resume"
+                )
+            dt = time.time() - t0
+            tokens_per_sec = config.total_batch / dt
+            if master_process:
+                entry = dict(
+                    step=step, train_loss=loss, lr=lr, grad_norm=norm, dt_ms=dt * 1000, tokens_per_sec=tokens_per_sec
+                )
+                if peak:
+                    entry["mfu"] = raw_model.estimate_mfu(tokens_per_sec / ddp_world_size, config.seq_len, peak)
+                append_jsonl(log_path, entry)
+                mfu = f" | mfu {100 * entry['mfu']:.1f}%" if peak else ""
+                print(
+                    f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {dt * 1000:.1f}ms "
+                    f"| tok/sec {tokens_per_sec:,.0f}{mfu}"
+                )
+            signum = stop.agreed(device)
+            checkpoint_due = config.checkpoint_interval > 0 and (step + 1) % config.checkpoint_interval == 0
+            if master_process and (checkpoint_due or step + 1 == config.max_steps or signum):
+                write_checkpoint(
+                    config, raw_model, optimizer, model_config, step + 1, train_loader, val_loss, device, damaged
+                )
+            if signum:
+                name = signal.Signals(signum).name
+                if master_process:
+                    append_jsonl(log_path, dict(event="stopped", step=step + 1, signal=name))
+                    print(f"stopped by {name} after step {step}: continue with --resume --out-dir {config.out_dir}")
+                teardown_distributed()
+                raise SystemExit(128 + signum)  # the shell's code for "ended by this signal": the run is not done
+    finally:
+        stop.restore()
 
-    if master_process and config.export:
-        raw_model.export_hf(config.export)
-        print(f"exported the model to {config.export} (transformers GPT2LMHeadModel format)")
+    if master_process:
+        append_jsonl(log_path, dict(event="finished", step=config.max_steps))
+        if config.export:
+            raw_model.export_hf(config.export)
+            print(f"exported the model to {config.export} (transformers GPT2LMHeadModel format)")
     teardown_distributed()
 
 

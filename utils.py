@@ -32,10 +32,16 @@ def first_line(e):
 
 
 def run_cli(main):
-    """Run a script's main(); a UserError becomes one line on stderr and exit status 2."""
+    """Run a script's main(); a UserError becomes one line on stderr and exit status 2. Set GPT2_TRACEBACK=1 to see
+    the whole traceback of such an error (for a bug report)."""
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets an escape, not a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         main()
     except UserError as e:
+        if os.environ.get("GPT2_TRACEBACK"):
+            raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
@@ -217,6 +223,19 @@ def open_shard(path):
     return tokens
 
 
+def check_token_ids(tokens, path):
+    """Every id must be one of GPT-2's 50,257 tokens: 50,257-50,303 would train the vocabulary's padding rows, larger
+    ones crash the embedding (a device-side assert on CUDA)."""
+    from model import GPT2_VOCAB_SIZE
+
+    if len(tokens) and int(tokens.max()) >= GPT2_VOCAB_SIZE:
+        position = int(np.argmax(tokens >= GPT2_VOCAB_SIZE))
+        raise UserError(
+            f"shard {path} holds token id {int(tokens[position])} at position {position:,}: GPT-2's ids are "
+            f"0..{GPT2_VOCAB_SIZE - 1} (a damaged shard, or not GPT-2 tokens)"
+        )
+
+
 class ShardedDataLoader:
     """Batches x, y (both (B, T), int64, y = x shifted by one) from one split's shards.
 
@@ -241,6 +260,7 @@ class ShardedDataLoader:
                 f"({num_processes} x {B} x {T} + 1 = {needed:,})"
             )
         self._order_epoch, self._order, self._ends = None, None, None
+        self.checked = set()  # shards whose token ids were checked, on first read: one pass over each
         self.position = 0  # tokens of the stream consumed so far, by all ranks together
 
     def reset(self):
@@ -267,6 +287,9 @@ class ShardedDataLoader:
             order, ends = self._layout(epoch)
             i = int(np.searchsorted(ends, offset, side="right"))  # the shard holding this offset
             shard = self.shards[order[i]]
+            if order[i] not in self.checked:
+                check_token_ids(shard, self.paths[order[i]])
+                self.checked.add(order[i])
             in_shard = offset - (int(ends[i]) - len(shard))
             take = min(n - filled, len(shard) - in_shard)
             out[filled : filled + take] = shard[in_shard : in_shard + take]
@@ -558,19 +581,24 @@ GPT2_124M_HELLASWAG = 0.2955  # its completion-style acc_norm
 GPT3_124M_HELLASWAG = 0.337  # GPT-3 paper, 125M model
 
 
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+def read_jsonl(path):
+    """The records of a .jsonl file; a line that does not parse (the last one, cut short by a kill) is skipped."""
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
 
 
 def read_log(path):
     """log.jsonl's step records merged per step; where a resumed run logged a step again, its record wins."""
     steps = {}
-    with open(path) as f:
-        for line in f:
-            record = json.loads(line)
-            if "step" in record and "event" not in record:
-                steps.setdefault(record["step"], {}).update(record)
+    for record in read_jsonl(path):
+        if isinstance(record, dict) and "step" in record and "event" not in record:
+            steps.setdefault(record["step"], {}).update(record)
     return [steps[s] for s in sorted(steps)]
 
 

@@ -308,8 +308,8 @@ def test_disk_full_removes_the_partial_shard_and_keeps_the_manifest_valid(corpus
     args = ["--data-files", str(corpus[0]), "--out-dir", str(out), "--shard-size", "3000", "--workers", "1"]
     with pytest.raises(
         downloader.UserError,
-        match="disk full while writing .*edufineweb_train_000002.npy: the partial shard was removed, "
-        "the 2 finished shards",
+        match=r"the disk holding .*out is full \(.* MB free, 0.0 MB needed\) while writing "
+        ".*edufineweb_train_000002.npy: the partial shard was removed, the 2 finished shards",
     ):
         downloader.main(args)
     assert sorted(os.listdir(out)) == ["edufineweb_train_000001.npy", "edufineweb_val_000000.npy", "manifest.json"]
@@ -318,3 +318,30 @@ def test_disk_full_removes_the_partial_shard_and_keeps_the_manifest_valid(corpus
     downloader.main(args)  # space freed: it continues where it stopped
     for name in shard_files(reference):
         assert (out / name).read_bytes() == (reference / name).read_bytes()
+
+
+def test_a_short_write_on_a_full_disk_and_a_failed_manifest_write_say_the_disk_is_full(corpus, tmp_path, monkeypatch):
+    from utils import load_script
+
+    downloader = load_script("download-fineweb-edu")
+    real_save, real_usage = np.save, downloader.shutil.disk_usage
+    out = tmp_path / "out"
+    args = ["--data-files", str(corpus[0]), "--out-dir", str(out), "--shard-size", "3000", "--workers", "1"]
+
+    def short_write(f, arr):  # what numpy raises when the disk fills: no errno, only counts
+        raise OSError("200000 requested and 81856 written")
+
+    monkeypatch.setattr(downloader.np, "save", short_write)
+    monkeypatch.setattr(downloader.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1000))
+    with pytest.raises(downloader.UserError, match=r"is full \(0.0 MB free, 0.0 MB needed\) while writing"):
+        downloader.main(args)
+    monkeypatch.setattr(downloader.np, "save", real_save)
+
+    def manifest_fails(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(downloader, "write_json_atomic", manifest_fails)
+    with pytest.raises(
+        downloader.UserError, match="is full .* while writing manifest.json in .*: it still lists the 0"
+    ):
+        downloader.main(args)

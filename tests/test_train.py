@@ -94,7 +94,7 @@ def test_log_checkpoints_samples_plot_and_export(data_dir, tmp_path):
     assert [r["step"] for r in evals] == [0, 10, 20] and evals[-1]["val_loss"] < evals[0]["val_loss"]
     samples = [r for r in lines if "samples" in r]
     assert [r["step"] for r in samples] == [10, 20] and all(isinstance(t, str) for t in samples[0]["samples"])
-    assert sorted(os.listdir(out)) == ["ckpt_000015.pt", "ckpt_000020.pt", "log.jsonl", "loss.png"]
+    assert sorted(os.listdir(out)) == ["ckpt_000015.pt", "ckpt_000020.pt", "log.jsonl", "loss.png", "train.lock"]
     ckpt = load_checkpoint(str(out / "ckpt_000020.pt"))
     assert {"model", "optimizer", "model_config", "config", "step", "train_loader", "rng", "val_loss"} <= set(ckpt)
     assert ckpt["step"] == 20 and not any(k.startswith("_orig_mod.") for k in ckpt["model"])

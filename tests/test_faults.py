@@ -1,0 +1,387 @@
+"""Faults and bad input: every case ends in a one-line error (exit 2, no traceback) or a clean recovery, and nothing
+already written is lost."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, make_docs, run_script
+from utils import read_log
+
+DOWNLOADER = "download-fineweb-edu.py"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    stream = np.concatenate(make_docs(3000))
+    np.save(d / "t_val_000000.npy", stream[:5000])
+    np.save(d / "t_train_000001.npy", stream[5000:])
+    return d
+
+
+def tiny(data_dir, out_dir, *extra):
+    return ["--preset", "tiny", "--device", "cpu", "--data-dir", data_dir, "--out-dir", out_dir, *map(str, extra)]
+
+
+def train_losses(out_dir):
+    return {r["step"]: r["train_loss"] for r in read_log(os.path.join(out_dir, "log.jsonl")) if "train_loss" in r}
+
+
+def one_line_error(r, message):
+    """The run failed with exit status 2 and this message as its last line, without a traceback."""
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert lines and message in lines[-1], r.stderr
+    return lines[-1]
+
+
+def start_train(*args, **kw):
+    return subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        **kw,
+    )
+
+
+def wait_for_step(out_dir, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (out_dir / "log.jsonl").exists() and step in train_losses(out_dir):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} was not reached: {proc.poll()}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train.py: runs that must not damage each other or themselves
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused_and_a_killed_run_leaves_no_stale_lock(data_dir, tmp_path):
+    out = tmp_path / "run"
+    first = start_train(*tiny(data_dir, out, "--max-steps", 10_000, "--sample-interval", 0))
+    try:
+        wait_for_step(out, 1, first)
+        r = run_script("train.py", *tiny(data_dir, out, "--resume"))
+        one_line_error(r, f"{out} is in use by another train.py (pid {first.pid} on ")
+    finally:
+        first.kill()
+        first.wait()
+    before = train_losses(out)
+    r = run_script("train.py", *tiny(data_dir, out, "--max-steps", 10, "--resume"))  # the lock died with its process
+    assert r.returncode == 0, r.stderr
+    assert len(train_losses(out)) >= len(before)
+
+
+def test_a_log_line_cut_by_a_kill_is_skipped_and_the_next_record_starts_a_new_line(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_script("train.py", *tiny(data_dir, out, "--max-steps", 10)).returncode == 0
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 10, "train_loss": 3.1, "lr": 0.0')  # a kill in the middle of a write
+    r = run_script("train.py", *tiny(data_dir, out, "--max-steps", 14, "--resume"))
+    assert r.returncode == 0, r.stderr
+    lines = (out / "log.jsonl").read_text().splitlines()
+    torn = [n for n, line in enumerate(lines) if line.startswith('{"step": 10, "train_loss": 3.1, "lr": 0.0')]
+    assert torn and lines[torn[0]] == '{"step": 10, "train_loss": 3.1, "lr": 0.0'  # left alone, on its own line
+    assert sorted(train_losses(out)) == list(range(14)) and train_losses(out)[10] != 3.1
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "misc", "plot_log.py"), out / "log.jsonl", tmp_path / "p.png"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0 and (tmp_path / "p.png").exists(), r.stderr
+
+
+def test_when_no_checkpoint_can_be_read_resume_is_refused_and_nothing_is_deleted(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_script("train.py", *tiny(data_dir, out, "--max-steps", 10)).returncode == 0
+    for name in ("ckpt_000005.pt", "ckpt_000010.pt"):
+        (out / name).write_bytes(b"not a checkpoint")
+    r = run_script("train.py", *tiny(data_dir, out, "--max-steps", 20, "--resume"))
+    one_line_error(r, f"no checkpoint in {out} can be read (ckpt_000010.pt, ckpt_000005.pt); nothing was deleted")
+    assert (out / "ckpt_000005.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_pruning_keeps_the_newest_readable_checkpoints_and_never_deletes_a_damaged_one(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_script("train.py", *tiny(data_dir, out, "--max-steps", 5)).returncode == 0
+    (out / "ckpt_000099.pt").write_bytes(b"damaged")  # sorts newest of all
+    r = run_script("train.py", *tiny(data_dir, out, "--max-steps", 20, "--resume", "--keep-checkpoints", 2))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.glob("ckpt_*")) == ["ckpt_000015.pt", "ckpt_000020.pt", "ckpt_000099.pt"]
+    assert "warning: skipping" in r.stderr and "ckpt_000099.pt" in r.stderr
+
+
+def test_keep_checkpoints_0_keeps_every_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_script("train.py", *tiny(data_dir, out, "--max-steps", 20, "--keep-checkpoints", 0)).returncode == 0
+    assert sorted(p.name for p in out.glob("ckpt_*")) == [f"ckpt_{s:06d}.pt" for s in (5, 10, 15, 20)]
+
+
+def test_temporary_files_left_by_a_kill_are_removed_on_the_next_run(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_script("train.py", *tiny(data_dir, out, "--max-steps", 5)).returncode == 0
+    for name in ("ckpt_000010.pt.4242.tmp", "loss.png.4242.tmp"):
+        (out / name).write_bytes(b"x" * 1000)
+    assert run_script("train.py", *tiny(data_dir, out, "--max-steps", 6, "--resume")).returncode == 0
+    assert not list(out.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("bad_id", [50257, 50303, 60000])
+def test_token_ids_outside_gpt2s_vocabulary_are_named_with_their_shard(tmp_path, bad_id):
+    stream = np.concatenate(make_docs(2000)).astype(np.int64)
+    np.save(tmp_path / "t_val_000000.npy", stream[:5000].astype(np.uint16))
+    stream[20_000] = bad_id
+    np.save(tmp_path / "t_train_000001.npy", stream[5000:].astype(np.uint16))
+    r = run_script("train.py", *tiny(tmp_path, tmp_path / "out", "--max-steps", 2))
+    one_line_error(r, f"shard {tmp_path / 't_train_000001.npy'} holds token id {bad_id} at position 15,000")
+
+
+def test_resume_on_a_fresh_out_dir_says_it_starts_at_step_0(data_dir, tmp_path):
+    r = run_script("train.py", *tiny(data_dir, tmp_path / "new", "--max-steps", 2, "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert f"note: --resume: {tmp_path / 'new'} holds no checkpoint yet, so this run starts at step 0" in r.stdout
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_script("train.py", *tiny(data_dir, out, "--max-steps", 5)).returncode == 0
+    log = (out / "log.jsonl").read_text()
+    r = run_script("train.py", *tiny(data_dir, out, "--max-steps", 5, "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert f"{out} is finished: all 5 steps are done" in r.stdout
+    assert (out / "log.jsonl").read_text() == log
+    r = run_script("train.py", *tiny(data_dir, out, "--max-steps", 7, "--resume"))  # a larger --max-steps goes on
+    assert r.returncode == 0 and sorted(train_losses(out)) == list(range(7)), r.stderr
+
+
+def test_resume_names_the_settings_it_cannot_continue_under_and_logs_the_ones_it_can(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_script("train.py", *tiny(data_dir, out, "--max-steps", 5)).returncode == 0
+    r = run_script("train.py", *tiny(data_dir, out, "--max-steps", 10, "--resume", "--n-layer", 3, "--seq-len", 16))
+    one_line_error(
+        r, "ckpt_000005.pt was trained with --n-layer 2, --seq-len 32; this run asks for --n-layer 3, --seq-len 16"
+    )
+    r = run_script("train.py", *tiny(data_dir, out, "--max-steps", 10, "--resume", "--max-lr", 3e-4))
+    assert r.returncode == 0, r.stderr
+    assert "note: settings changed since the checkpoint: --max-steps 5 -> 10, --max-lr 0.001 -> 0.0003" in r.stdout
+    resume = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"resume"' in line][-1]
+    assert resume["changes"] == {"max_steps": [5, 10], "max_lr": [0.001, 0.0003]}
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resume_continues_exactly(data_dir, tmp_path):
+    args = ["--max-steps", 40, "--checkpoint-interval", 0, "--eval-interval", 0, "--sample-interval", 0]
+    assert run_script("train.py", *tiny(data_dir, tmp_path / "straight", *args)).returncode == 0
+    out = tmp_path / "preempted"
+    proc = start_train(*tiny(data_dir, out, *args))
+    wait_for_step(out, 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
+    assert "SIGTERM: stopping after this step with a checkpoint" in stderr
+    last = max(train_losses(out))
+    assert f"stopped by SIGTERM after step {last}: continue with --resume" in stdout
+    assert [p.name for p in out.glob("ckpt_*")] == [f"ckpt_{last + 1:06d}.pt"]
+    assert last < 39
+    r = run_script("train.py", *tiny(data_dir, out, *args, "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert train_losses(out) == train_losses(tmp_path / "straight")  # every step, bit for bit
+
+
+def test_a_second_sigterm_stops_at_once(data_dir, tmp_path):
+    out = tmp_path / "run"  # a model large enough that a step takes a while on a CPU
+    proc = start_train(
+        *tiny(
+            data_dir,
+            out,
+            "--n-layer",
+            4,
+            "--n-embd",
+            256,
+            "--n-head",
+            4,
+            "--seq-len",
+            128,
+            "--total-batch",
+            8192,
+            "--micro-batch",
+            8,
+            "--max-steps",
+            1000,
+            "--eval-interval",
+            0,
+        )
+    )
+    wait_for_step(out, 0, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert "stopping after this step" in proc.stderr.readline()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGTERM  # ended by the signal itself, no checkpoint attempted
+    assert not list(out.glob("ckpt_*"))
+
+
+def test_sigterm_under_torchrun_stops_every_rank_after_the_same_step(data_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        os.path.join(ROOT, "train.py"),
+        *tiny(
+            data_dir,
+            out,
+            "--max-steps",
+            10_000,
+            "--checkpoint-interval",
+            0,
+            "--eval-interval",
+            0,
+            "--sample-interval",
+            0,
+        ),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(out, 3, proc)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+    stdout, stderr = proc.communicate(timeout=120)
+    last = max(train_losses(out))
+    assert f"stopped by SIGTERM after step {last}" in stdout, stderr
+    assert [p.name for p in out.glob("ckpt_*")] == [f"ckpt_{last + 1:06d}.pt"]
+
+
+def test_bad_training_flags_are_one_line_errors(data_dir, tmp_path):
+    for extra, message in [
+        (("--keep-checkpoints", -1), "--keep-checkpoints must be 0 or more, got -1"),
+        (("--max-lr", "nan"), "--max-lr must be a positive number, got nan"),
+        (("--max-steps", -3), "--max-steps must be 0 or more, got -3"),
+    ]:
+        one_line_error(run_script("train.py", *tiny(data_dir, tmp_path / "x", *extra)), message)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hellaswag.py and sample.py
+
+
+@pytest.mark.parametrize("batch_size", [-1, 0])
+def test_hellaswag_refuses_a_batch_size_below_1_instead_of_reporting_unscored_examples(
+    tiny_checkpoint, tmp_path, batch_size
+):
+    data = tmp_path / "hs.jsonl"
+    from bench import synthetic_hellaswag
+
+    data.write_text("".join(json.dumps(ex) + "\n" for ex in synthetic_hellaswag(4)))
+    r = run_script("hellaswag.py", "--model", tiny_checkpoint(), "--data-file", data, "--batch-size", batch_size)
+    one_line_error(r, f"--batch-size must be at least 1 and --limit 0 or more, got {batch_size} and 0")
+
+
+def test_sample_refuses_a_nan_temperature_and_prints_to_an_ascii_terminal(tiny_checkpoint):
+    r = run_script("sample.py", "--model", tiny_checkpoint(), "--temperature", "nan")
+    one_line_error(r, "--temperature must be a number >= 0")
+    env = dict(os.environ, PYTHONIOENCODING="ascii")
+    r = run_script(
+        "sample.py",
+        "--model",
+        tiny_checkpoint(),
+        "--prompt",
+        "Caf\u00e9 \u2615 na\u00efve",
+        "--num-samples",
+        1,
+        "--max-new-tokens",
+        5,
+        env=env,
+    )
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "Caf\\xe9 \\u2615" in r.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# download-fineweb-edu.py
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+def test_downloader_checks_the_out_dir_before_reading_anything(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [dict(text="hello world")] * 3)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out, message in [
+        (a_file, f"--out-dir {a_file} is a file, not a directory"),
+        (a_file / "sub", f"cannot create --out-dir {a_file / 'sub'}: {a_file} is a file"),
+        ("/proc/gpt2-fineweb-test", "cannot write to --out-dir /proc/gpt2-fineweb-test"),
+    ]:
+        one_line_error(run_script(DOWNLOADER, "--data-files", corpus, "--out-dir", out), message)
+
+
+def test_downloader_names_the_line_of_bad_json_bad_utf8_and_a_missing_or_non_string_text(tmp_path):
+    good = [dict(text=f"document {i} " * 20) for i in range(1500)]
+    cases = [
+        ([*good, "{not json", *good[:5]], "line 1501 is not JSON"),
+        ([*good[:10], dict(title="no text"), *good[:5]], "line 11: field 'text' is missing"),
+        ([*good[:10], dict(text=12345), *good[:5]], "line 11: field 'text' is int, not a string"),
+    ]
+    for i, (rows, message) in enumerate(cases):
+        corpus = write_jsonl(tmp_path / f"c{i}.jsonl", rows)
+        r = run_script(DOWNLOADER, "--data-files", corpus, "--out-dir", tmp_path / f"out{i}", "--shard-size", 10_000)
+        one_line_error(r, f"{corpus}: " if "JSON" not in message else str(corpus))
+        assert message in r.stderr, r.stderr
+    corpus = tmp_path / "latin1.jsonl"
+    corpus.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    r = run_script(DOWNLOADER, "--data-files", corpus, "--out-dir", tmp_path / "out_utf8")
+    one_line_error(r, "line 2 is not UTF-8")
+
+
+def test_downloader_refuses_to_continue_on_an_edited_corpus(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [dict(text=f"document {i} " * 30) for i in range(400)])
+    out = tmp_path / "out"
+    r = run_script(DOWNLOADER, "--data-files", corpus, "--out-dir", out, "--shard-size", 5000)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["complete"] = False  # as if killed before the end
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    write_jsonl(corpus, [dict(text=f"edited {i} " * 30) for i in range(400)])
+    r = run_script(DOWNLOADER, "--data-files", corpus, "--out-dir", out, "--shard-size", 5000)
+    one_line_error(r, f"{corpus} changed since {out} was started")
+
+
+def test_downloader_reports_a_damaged_manifest_in_one_line(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [dict(text=f"document {i} " * 30) for i in range(200)])
+    out = tmp_path / "out"
+    assert run_script(DOWNLOADER, "--data-files", corpus, "--out-dir", out, "--shard-size", 5000).returncode == 0
+    text = (out / "manifest.json").read_text()
+    (out / "manifest.json").write_text(text[: len(text) // 2])
+    for args in (["--data-files", corpus], ["--verify"]):
+        r = run_script(DOWNLOADER, *args, "--out-dir", out, "--shard-size", 5000)
+        one_line_error(r, f"{out / 'manifest.json'} is damaged")
+
+
+def test_verify_catches_token_ids_outside_the_vocabulary(tmp_path):
+    from utils import sha256_file
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", [dict(text=f"document {i} " * 30) for i in range(200)])
+    out = tmp_path / "out"
+    assert run_script(DOWNLOADER, "--data-files", corpus, "--out-dir", out, "--shard-size", 5000).returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    shard = out / manifest["shards"][1]["file"]
+    tokens = np.load(shard)
+    tokens[7] = 50300
+    np.save(shard, tokens)
+    manifest["shards"][1]["sha256"] = sha256_file(shard)  # even a manifest that vouches for the file
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    r = run_script(DOWNLOADER, "--verify", "--out-dir", out)
+    one_line_error(r, f"verify failed: shard {shard} holds token id 50300 at position 7")
