@@ -4,9 +4,6 @@ Benchmarks that compare variants side by side in one run and print the ratios.
     python bench.py gpu --out report.json        # the GPU path end to end (--device cpu --quick: small, on a CPU)
     python bench.py tokenize            # download-fineweb-edu.py vs the common nanoGPT-style tokenizing loop
     python bench.py hellaswag           # hellaswag.py vs a plain one-example-per-forward scorer, small model on CPU
-    python bench.py train --compare-compile --micro-batches 32,64     # GPT-2 124M train step on the GPU: tokens/s, MFU
-    python bench.py train --preset tiny --n-layer 4 --n-head 4 --n-embd 256 --micro-batch 8 --seq-len 256 \
-        --total-batch 2048 --no-compile --device cpu                   # train.py's loop vs nanoGPT's on a CPU
 """
 
 import argparse
@@ -24,13 +21,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import hellaswag
 from utils import (
     EOT,
     ROOT,
     ShardedDataLoader,
     UserError,
     atomic_write,
-    autocast,
     first_line,
     get_tokenizer,
     load_script,
@@ -46,40 +43,6 @@ def device_name(device):
     return (
         torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     )
-
-
-def synthetic_hellaswag(n, seed=0):
-    """HellaSwag-format examples of random words, with the WikiHow markup ([title], [step], double spaces) that the
-    harness convention cleans up. Like the real set, half are short ActivityNet-style contexts and endings, half long
-    WikiHow-style ones."""
-    rng = random.Random(seed)
-    words = "the a person man woman dog ball water is are runs jumps holds takes into onto with then and slowly".split()
-
-    def text(lo, hi):
-        return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
-
-    examples = []
-    for i in range(n):
-        wikihow = i % 2 == 1
-        ctx_a = text(30, 90) + " [title] How to " + text(2, 4) + "." if wikihow else text(6, 20)
-        ctx_b = text(0, 8) + rng.choice(["", "  " + text(1, 3), " [step] " + text(2, 4)])
-        lo, hi = (15, 45) if wikihow else (6, 20)
-        endings = [
-            text(lo, hi) + rng.choice([".", " [substeps] " + text(2, 5) + ".", "  " + text(1, 4)]) for _ in range(4)
-        ]
-        examples.append(
-            dict(
-                ind=i,
-                activity_label=text(1, 3).capitalize(),
-                ctx_a=ctx_a,
-                ctx_b=ctx_b,
-                ctx=(ctx_a + " " + ctx_b).strip(),
-                endings=endings,
-                label=rng.randrange(4),
-                split="val",
-            )
-        )
-    return examples
 
 
 @torch.no_grad()
@@ -117,7 +80,6 @@ def baseline_hellaswag(model, path, device):
 
 
 def bench_hellaswag(args):
-    import hellaswag
     from model import GPT, GPTConfig
     from utils import pick_device
 
@@ -128,7 +90,7 @@ def bench_hellaswag(args):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "hellaswag.jsonl")
         with open(path, "w") as f:
-            for example in synthetic_hellaswag(args.examples):
+            for example in hellaswag.synthetic_examples(args.examples):
                 f.write(json.dumps(example) + "\n")
         get_tokenizer()  # built once, outside the timings
         times = {"plain scorer": [], "hellaswag.py": []}
@@ -153,144 +115,6 @@ def bench_hellaswag(args):
         f"hellaswag speedup: {best['plain scorer'] / best['hellaswag.py']:.2f}x over the plain scorer "
         f"(acc_norm {results['acc_norm']:.4f}, plain scorer {plain_acc_norm:.4f})"
     )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# training steps
-
-
-def nanogpt_loop(model, optimizer, bin_path, config, device, grad_accum_steps, n_steps):
-    """nanoGPT's train.py hot loop, as written there: a fresh np.memmap per batch, random offsets, torch.stack of
-    per-row copies, the next batch fetched during the step, loss.item() every step (log_interval = 1).
-    Returns the time of each step."""
-    B, T = config.micro_batch, config.seq_len
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-
-    def get_batch():
-        data = np.memmap(bin_path, dtype=np.uint16, mode="r")
-        ix = torch.randint(len(data) - T, (B,))
-        x = torch.stack([torch.from_numpy((data[i : i + T]).astype(np.int64)) for i in ix])
-        y = torch.stack([torch.from_numpy((data[i + 1 : i + 1 + T]).astype(np.int64)) for i in ix])
-        if device_type == "cuda":
-            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        else:
-            x, y = x.to(device), y.to(device)
-        return x, y
-
-    import train
-
-    scaler = torch.amp.GradScaler(device_type, enabled=False)  # nanoGPT's scaler: only enabled for float16
-    times = []
-    X, Y = get_batch()
-    for step in range(n_steps):
-        t0 = time.time()
-        lr = train.get_lr(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for _ in range(grad_accum_steps):
-            with autocast(device):
-                logits, loss = model(X, Y)
-                loss = loss / grad_accum_steps
-            X, Y = get_batch()
-            scaler.scale(loss).backward()
-        if config.grad_clip != 0.0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item() * grad_accum_steps  # nanoGPT reads the loss every step (log_interval = 1): a sync
-        times.append(time.time() - t0)
-    return times
-
-
-def our_loop(model, optimizer, loader, config, device, grad_accum_steps, n_steps):
-    """train.py's hot loop: train_step, then the one .item() sync per step."""
-    import train
-
-    times = []
-    for step in range(n_steps):
-        t0 = time.time()
-        loss, norm = train.train_step(
-            model, optimizer, loader.next_batch, grad_accum_steps, device, train.get_lr(step, config), config.grad_clip
-        )
-        loss.item(), norm.item()
-        times.append(time.time() - t0)
-    return times
-
-
-def bench_train(args, train_argv):
-    import train
-    from model import GPT, GPTConfig
-    from utils import ShardedDataLoader, peak_flops, pick_device
-
-    config = train.parse_config(train_argv)
-    device = pick_device(config.device)
-    base_compile = config.compile if config.compile is not None else device.startswith("cuda")
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    micro_batches = [int(b) for b in args.micro_batches.split(",")] if args.micro_batches else [config.micro_batch]
-    compiles = [base_compile, not base_compile] if args.compare_compile else [base_compile]
-    variants = [("train.py", mb, c) for c in compiles for mb in micro_batches] + [
-        ("nanoGPT loop", config.micro_batch, base_compile)
-    ]
-    peak = peak_flops(device)
-    n_steps = args.warmup + args.steps
-    with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        n_tokens = max(config.total_batch * n_steps + 1, 1_000_000)
-        tokens = rng.integers(0, 50257, n_tokens, dtype=np.uint16)
-        np.save(os.path.join(tmp, "synthetic_train_000001.npy"), tokens)
-        tokens.tofile(os.path.join(tmp, "train.bin"))  # nanoGPT's format: raw uint16
-        print(
-            f"{config.preset}: {config.n_layer} layers, {config.n_embd} wide, {config.total_batch:,} tokens/step, "
-            f"seq_len {config.seq_len}, on {device} ({device_name(device)})"
-        )
-        print(f"{'loop':>14} {'micro':>6} {'compile':>8} {'ms/step':>9} {'tokens/s':>11} {'MFU':>6}")
-        results = {}
-        for _ in range(args.rounds):  # alternate the variants, so that drifting machine speed hits all of them
-            for name, micro_batch, compile_model in variants:
-                if config.total_batch % (micro_batch * config.seq_len):
-                    continue
-                grad_accum_steps = config.total_batch // (micro_batch * config.seq_len)
-                torch.manual_seed(config.seed)
-                model = GPT(
-                    GPTConfig(
-                        block_size=config.seq_len, n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd
-                    )
-                ).to(device)
-                optimizer = model.configure_optimizers(
-                    config.weight_decay, config.max_lr, (config.beta1, config.beta2), device.split(":")[0], config.eps
-                )
-                run_model = torch.compile(model) if compile_model else model
-                variant = dict(config.__dict__, micro_batch=micro_batch)
-                vconfig = type(config)(**variant)
-                if name == "train.py":
-                    loader = ShardedDataLoader(tmp, "train", micro_batch, config.seq_len)
-                    times = our_loop(run_model, optimizer, loader, vconfig, device, grad_accum_steps, n_steps)
-                else:
-                    times = nanogpt_loop(
-                        run_model, optimizer, os.path.join(tmp, "train.bin"), vconfig, device, grad_accum_steps, n_steps
-                    )
-                results.setdefault((name, micro_batch, compile_model), []).extend(times[args.warmup :])
-                del model, optimizer, run_model
-                if device.startswith("cuda"):
-                    torch.cuda.empty_cache()
-        flops_model = GPT(
-            GPTConfig(block_size=config.seq_len, n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)
-        )
-        for (name, micro_batch, compile_model), times in results.items():
-            dt = float(np.median(times))
-            tps = config.total_batch / dt
-            mfu = f"{100 * flops_model.estimate_mfu(tps, config.seq_len, peak):5.1f}%" if peak else "     -"
-            print(f"{name:>14} {micro_batch:>6} {str(compile_model):>8} {dt * 1000:9.1f} {tps:11,.0f} {mfu}")
-        ours = float(np.median(results[("train.py", config.micro_batch, base_compile)]))
-        theirs = float(np.median(results[("nanoGPT loop", config.micro_batch, base_compile)]))
-        print(
-            f"train.py step vs nanoGPT loop: {theirs / ours:.2f}x tokens/s "
-            f"(median of {args.steps} steps x {args.rounds} rounds)"
-        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -492,12 +316,11 @@ def check_parity_and_resume(device, quick, data_dir, tmp):
     same run killed with SIGKILL after a checkpoint and resumed; then the in-training HellaSwag against hellaswag.py."""
     import subprocess
 
-    import hellaswag
     from utils import load_model
 
     hellaswag_file = os.path.join(tmp, "hellaswag_small.jsonl")
     with open(hellaswag_file, "w") as f:
-        f.writelines(json.dumps(ex) + "\n" for ex in synthetic_hellaswag(64 if quick else 256, seed=1))
+        f.writelines(json.dumps(ex) + "\n" for ex in hellaswag.synthetic_examples(64 if quick else 256, seed=1))
     common = [
         "--preset",
         "tiny",
@@ -576,7 +399,6 @@ def check_parity_and_resume(device, quick, data_dir, tmp):
 
 def check_hellaswag(device, quick, tmp):
     """A full 10,042-example HellaSwag pass of GPT-2 124M (random weights: synthetic examples need no network)."""
-    import hellaswag
     from model import GPT, GPTConfig
 
     n = 200 if quick else hellaswag.N_VAL_EXAMPLES
@@ -584,7 +406,7 @@ def check_hellaswag(device, quick, tmp):
     torch.manual_seed(0)
     with torch.device(device):
         model = GPT(GPTConfig(**shape)).eval()
-    examples = synthetic_hellaswag(n)
+    examples = hellaswag.synthetic_examples(n)
     get_tokenizer()
     t0 = time.perf_counter()
     results = hellaswag.evaluate(model, examples, device, 32)
@@ -761,19 +583,6 @@ def main():
     h.add_argument("--batch-size", type=int, default=32)
     h.add_argument("--repeats", type=int, default=2)
     h.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
-    tr = sub.add_parser(
-        "train",
-        allow_abbrev=False,
-        help="tokens/s and MFU of a train.py preset on synthetic tokens, beside nanoGPT's loop; "
-        "other flags go to train.py (--preset, --micro-batch, --no-compile, ...)",
-    )
-    tr.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
-    tr.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
-    tr.add_argument("--rounds", type=int, default=2)
-    tr.add_argument(
-        "--micro-batches", default="", help="comma-separated micro-batch sizes to compare (default: the preset's)"
-    )
-    tr.add_argument("--compare-compile", action="store_true", help="also run with torch.compile toggled")
     g = sub.add_parser(
         "gpu",
         help="the GPU path end to end: train step speed, parity, resume, HellaSwag, sampling, "
@@ -785,13 +594,8 @@ def main():
     g.add_argument(
         "--work-dir", default="", help="keep the runs' logs, checkpoints and data here (default: a temporary dir)"
     )
-    args, rest = p.parse_known_args()
-    if args.bench != "train" and rest:
-        p.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.bench == "train":
-        bench_train(args, rest)
-    else:
-        {"tokenize": bench_tokenize, "hellaswag": bench_hellaswag, "gpu": bench_gpu}[args.bench](args)
+    args = p.parse_args()
+    {"tokenize": bench_tokenize, "hellaswag": bench_hellaswag, "gpu": bench_gpu}[args.bench](args)
 
 
 if __name__ == "__main__":

@@ -106,12 +106,29 @@ def open_dataset(args, files):
                 f"cannot read {', '.join(files)}: {explain_read_error(files[0], args.text_field, e)}"
             ) from e
     try:
+        check_hub_reachable()
         return datasets.load_dataset(args.dataset, name=args.name, split=args.split, streaming=True)
     except Exception as e:  # offline: ConnectionError; the hub client raises several other kinds too
         raise UserError(
             f"cannot open {args.dataset} ({args.name}) on the Hugging Face hub: {first_line(e)}; "
             "with no network, tokenize local files with --data-files"
         ) from e
+
+
+def check_hub_reachable():
+    """One quick request first: offline, the hub client would retry for half a minute before it gives up. Skipped
+    in the hub's offline mode, where the local cache serves."""
+    import urllib.request
+
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=15).close()
+    except urllib.error.HTTPError:
+        pass  # it answered: reachable
+    except OSError as e:
+        raise ConnectionError(f"cannot reach {endpoint} ({getattr(e, 'reason', e)})") from e
 
 
 def first_bad_line(path, text_field):

@@ -15,6 +15,7 @@ Scores both published conventions in one run, since papers and repos mix them up
 
 import json
 import os
+import random
 import re
 import time
 import urllib.request
@@ -63,14 +64,16 @@ def download(cache_dir):
     path = os.path.join(cache_dir, "hellaswag_val.jsonl")
     if os.path.exists(path):
         return path
-    os.makedirs(cache_dir, exist_ok=True)
     try:
-        with urllib.request.urlopen(URL, timeout=30) as response, atomic_write(path) as f:
-            f.write(response.read())
+        with urllib.request.urlopen(URL, timeout=30) as response:
+            data = response.read()
     except OSError as e:
         raise UserError(
             f"cannot download HellaSwag from {URL} ({e}): with no network, pass a local copy with --data-file"
-        ) from None
+        ) from e
+    os.makedirs(cache_dir, exist_ok=True)  # only now: a failed download leaves no empty folder behind
+    with atomic_write(path) as f:
+        f.write(data)
     return path
 
 
@@ -126,6 +129,40 @@ def build_rows(example, enc):
         whole = enc.encode_ordinary(query + " " + preprocess(ending))
         rows.append((whole, len(whole) - len(query_tokens)))
     return rows
+
+
+def synthetic_examples(n, seed=0):
+    """HellaSwag-format examples of random words, for checks without the network: with the WikiHow markup ([title],
+    [step], double spaces) that the harness convention cleans up, and, like the real set, half short ActivityNet-style
+    contexts and endings, half long WikiHow-style ones."""
+    rng = random.Random(seed)
+    words = "the a person man woman dog ball water is are runs jumps holds takes into onto with then and slowly".split()
+
+    def text(lo, hi):
+        return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
+
+    examples = []
+    for i in range(n):
+        wikihow = i % 2 == 1
+        ctx_a = text(30, 90) + " [title] How to " + text(2, 4) + "." if wikihow else text(6, 20)
+        ctx_b = text(0, 8) + rng.choice(["", "  " + text(1, 3), " [step] " + text(2, 4)])
+        lo, hi = (15, 45) if wikihow else (6, 20)
+        endings = [
+            text(lo, hi) + rng.choice([".", " [substeps] " + text(2, 5) + ".", "  " + text(1, 4)]) for _ in range(4)
+        ]
+        examples.append(
+            dict(
+                ind=i,
+                activity_label=text(1, 3).capitalize(),
+                ctx_a=ctx_a,
+                ctx_b=ctx_b,
+                ctx=(ctx_a + " " + ctx_b).strip(),
+                endings=endings,
+                label=rng.randrange(4),
+                split="val",
+            )
+        )
+    return examples
 
 
 # ----------------------------------------------------------------------------------------------------------------

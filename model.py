@@ -28,6 +28,8 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    bias: bool = True  # biases in the Linears and LayerNorms (GPT-2 has them; nanoGPT can train without)
+    gelu: str = "tanh"  # GPT-2's tanh approximation, or "exact" (nanoGPT's nn.GELU())
 
 
 MODEL_SIZES = {
@@ -62,8 +64,9 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # query, key, value for all heads in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        # query, key, value for all heads in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_SCALE_INIT = True
         self.n_head = config.n_head
         self.n_embd = config.n_embd
@@ -95,9 +98,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")  # GPT-2 used the tanh one
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.RESIDUAL_SCALE_INIT = True
 
     def forward(self, x):
@@ -107,9 +110,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x, kv_cache=None, layer=0):
@@ -128,7 +131,7 @@ class GPT(nn.Module):
                 wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
                 wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -191,15 +194,17 @@ class GPT(nn.Module):
             raise ValueError(f"unknown model {name_or_path!r}: not a directory, nor one of {', '.join(MODEL_SIZES)}")
         with open(os.path.join(directory, "config.json")) as f:
             hf = json.load(f)
+        activation = hf.get("activation_function", "gelu_new")
+        if activation not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+            raise ValueError(f"{directory}: activation {activation!r} is not a GELU")
         config = GPTConfig(
             block_size=hf["n_positions"],
             vocab_size=hf["vocab_size"],
             n_layer=hf["n_layer"],
             n_head=hf["n_head"],
             n_embd=hf["n_embd"],
+            gelu="exact" if activation == "gelu" else "tanh",
         )
-        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{directory}: activation {hf['activation_function']!r} is not GPT-2's tanh GELU")
         if os.path.exists(os.path.join(directory, "model.safetensors")):
             from safetensors.torch import load_file
 
@@ -233,11 +238,14 @@ class GPT(nn.Module):
         return model
 
     def export_hf(self, out_dir):
-        """Write a directory that transformers' GPT2LMHeadModel.from_pretrained (and so lm-eval-harness) can load:
-        config.json, model.safetensors, and GPT-2's tokenizer files. The rows of the padded vocabulary are dropped."""
+        """Write config.json and model.safetensors as transformers' GPT2LMHeadModel.from_pretrained reads them (so
+        lm-eval-harness can load the model); the rows of the padded vocabulary are dropped. utils.export_model adds
+        GPT-2's tokenizer files."""
         from safetensors.torch import save_file
 
         c = self.config
+        if not c.bias:
+            raise ValueError("transformers' GPT-2 always has biases: a model trained without them cannot be exported")
         vocab_size = min(c.vocab_size, GPT2_VOCAB_SIZE)
         os.makedirs(out_dir, exist_ok=True)
         hf_config = {
@@ -250,7 +258,7 @@ class GPT(nn.Module):
             "n_layer": c.n_layer,
             "n_head": c.n_head,
             "n_inner": None,
-            "activation_function": "gelu_new",
+            "activation_function": "gelu_new" if c.gelu == "tanh" else "gelu",
             "layer_norm_epsilon": 1e-5,
             "resid_pdrop": 0.0,
             "embd_pdrop": 0.0,
@@ -272,9 +280,6 @@ class GPT(nn.Module):
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
         save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-        from utils import save_hf_tokenizer  # local import: utils imports this module
-
-        save_hf_tokenizer(out_dir)
 
     # ----------------------------------------------------------------------------------------------------------------
     # training helpers

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -28,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
 import sample
-from model import GPT, GPTConfig
+from model import GPT, MODEL_SIZES, GPTConfig
 from utils import (
     ShardedDataLoader,
     UserError,
@@ -37,6 +38,7 @@ from utils import (
     autocast,
     broadcast_from_rank0,
     config_parser,
+    export_model,
     get_tokenizer,
     list_checkpoints,
     load_checkpoint,
@@ -94,53 +96,24 @@ class TrainConfig:
     export: str = ""  # at the end, write the model as a transformers directory here (lm-eval-harness can load it)
 
 
+# fmt: off
 PRESETS = {
-    "gpt2-124m": dict(),  # the defaults above
+    "gpt2-124m": dict(**MODEL_SIZES["gpt2"]),  # the defaults above
     # larger GPT-2 shapes, with GPT-3's learning rates for their sizes and micro-batches that fit an 80 GB GPU
-    "gpt2-350m": dict(n_layer=24, n_head=16, n_embd=1024, micro_batch=32, max_lr=3e-4),
-    "gpt2-774m": dict(n_layer=36, n_head=20, n_embd=1280, micro_batch=16, max_lr=2.5e-4),
-    "gpt2-1558m": dict(n_layer=48, n_head=25, n_embd=1600, micro_batch=16, max_lr=2e-4),
+    "gpt2-350m": dict(**MODEL_SIZES["gpt2-medium"], micro_batch=32, max_lr=3e-4),
+    "gpt2-774m": dict(**MODEL_SIZES["gpt2-large"], micro_batch=16, max_lr=2.5e-4),
+    "gpt2-1558m": dict(**MODEL_SIZES["gpt2-xl"], micro_batch=16, max_lr=2e-4),
     # for tests on a CPU: 4 micro-batches per step, so it splits over 1, 2 or 4 processes
-    "tiny": dict(
-        n_layer=2,
-        n_head=2,
-        n_embd=64,
-        micro_batch=4,
-        seq_len=32,
-        total_batch=512,
-        max_steps=20,
-        warmup_steps=4,
-        max_lr=1e-3,
-        eval_interval=10,
-        val_steps=2,
-        hellaswag_interval=0,
-        sample_interval=10,
-        num_samples=2,
-        sample_tokens=8,
-        checkpoint_interval=5,
-    ),
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, micro_batch=4, seq_len=32, total_batch=512, max_steps=20,
+                 warmup_steps=4, max_lr=1e-3, eval_interval=10, val_steps=2, hellaswag_interval=0, sample_interval=10,
+                 num_samples=2, sample_tokens=8, checkpoint_interval=5),
     # offline first run: Python's own documentation as the corpus, a small GPT, a few minutes on a laptop CPU
-    "quickstart": dict(
-        data_dir="data/quickstart",
-        out_dir="log/quickstart",
-        n_layer=4,
-        n_head=4,
-        n_embd=128,
-        micro_batch=16,
-        seq_len=128,
-        total_batch=2048,
-        max_steps=300,
-        warmup_steps=30,
-        max_lr=2e-3,
-        eval_interval=30,
-        val_steps=4,
-        hellaswag_interval=0,
-        sample_interval=150,
-        num_samples=2,
-        sample_tokens=32,
-        checkpoint_interval=150,
-    ),
+    "quickstart": dict(data_dir="data/quickstart", out_dir="log/quickstart", n_layer=4, n_head=4, n_embd=128,
+                       micro_batch=16, seq_len=128, total_batch=2048, max_steps=300, warmup_steps=30, max_lr=2e-3,
+                       eval_interval=30, val_steps=4, hellaswag_interval=0, sample_interval=150, num_samples=2,
+                       sample_tokens=32, checkpoint_interval=150),
 }
+# fmt: on
 
 
 def parse_config(argv=None):
@@ -433,6 +406,20 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+def finished_message(config):
+    """Where the run's results are and what to try next."""
+    out = shlex.quote(config.out_dir)
+    return (
+        f"\nfinished {config.max_steps} steps. In {config.out_dir}: log.jsonl (every step and evaluation), loss.png "
+        f"(the curves), ckpt_NNNNNN.pt (checkpoints). Next:\n"
+        f"  python sample.py --model {out} --prompt {shlex.quote(config.sample_prompt)}   # text from the newest\n"
+        f"  python sample.py --model {out} --temperature 0.8 --max-new-tokens 200          # longer, less random\n"
+        f"  python hellaswag.py --model {out} --data-file hellaswag_val.jsonl   # HellaSwag (without --data-file: "
+        "downloaded once)\n"
+        f"  python misc/plot_log.py {shlex.quote(os.path.join(config.out_dir, 'log.jsonl'))}   # redraw the plot"
+    )
+
+
 def generate_text(raw_model, enc, config, device):
     """The run's progress samples, drawn exactly as sample.py draws them."""
     args = sample.Config(
@@ -635,8 +622,9 @@ def main(argv=None):
     if master_process:
         append_jsonl(log_path, dict(event="finished", step=config.max_steps))
         if config.export:
-            raw_model.export_hf(config.export)
+            export_model(raw_model, config.export)
             print(f"exported the model to {config.export} (transformers GPT2LMHeadModel format)")
+        print(finished_message(config))
     teardown_distributed()
 
 

@@ -175,7 +175,13 @@ def get_tokenizer():
     )
 
 
-def save_hf_tokenizer(out_dir):
+def export_model(model, out_dir):
+    """A self-contained transformers directory: the model (GPT.export_hf) and GPT-2's tokenizer files."""
+    model.export_hf(out_dir)
+    save_hf_tokenizer(out_dir, model.config.block_size)
+
+
+def save_hf_tokenizer(out_dir, context):
     """Put GPT-2's tokenizer files (transformers' names: vocab.json, merges.txt) into a model directory."""
     files = gpt2_bpe_files()
     if files is None:
@@ -184,7 +190,11 @@ def save_hf_tokenizer(out_dir):
     shutil.copyfile(files["vocab.bpe"], os.path.join(out_dir, "merges.txt"))
     special = "<|endoftext|>"
     config = dict(
-        tokenizer_class="GPT2Tokenizer", model_max_length=1024, bos_token=special, eos_token=special, unk_token=special
+        tokenizer_class="GPT2Tokenizer",
+        model_max_length=context,
+        bos_token=special,
+        eos_token=special,
+        unk_token=special,
     )
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -533,38 +543,85 @@ def list_checkpoints(out_dir):
     return [os.path.join(out_dir, name) for _, name in found]
 
 
+class ForeignConfig:
+    """Stands in for build-nanogpt's GPTConfig dataclass, which its checkpoints pickle as __main__.GPTConfig: while
+    unpickling, its fields land here and none of that script's code runs."""
+
+
 def load_checkpoint(path):
     try:
-        return torch.load(
-            path, map_location="cpu", weights_only=True, mmap=True
-        )  # pages read as needed, shared by processes
+        with torch.serialization.safe_globals([(ForeignConfig, "__main__.GPTConfig")]):
+            # memory-mapped: pages are read as needed and shared by the processes of a node
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # truncated or foreign files fail in the unpickler with many exception types
         raise UserError(
             f"cannot read checkpoint {path}: not a complete checkpoint ({type(e).__name__}: {first_line(e)[:200]})"
-        ) from None
+        ) from e
+
+
+def newest_checkpoint_in(directory):
+    """The checkpoint a directory holds: ours (ckpt_NNNNNN.pt, the newest), nanoGPT's ckpt.pt, or build-nanogpt's
+    model_NNNNN.pt (the newest)."""
+    ours = list_checkpoints(directory)
+    if ours:
+        return ours[-1]
+    if os.path.isfile(os.path.join(directory, "ckpt.pt")):
+        return os.path.join(directory, "ckpt.pt")
+    build_nanogpt = sorted((int(m[1]), m[0]) for n in os.listdir(directory) if (m := re.match(r"^model_(\d+)\.pt$", n)))
+    if build_nanogpt:
+        return os.path.join(directory, build_nanogpt[-1][1])
+    raise UserError(
+        f"{directory} holds no checkpoint (ckpt_NNNNNN.pt, nanoGPT's ckpt.pt, build-nanogpt's model_NNNNN.pt) "
+        "and no config.json"
+    )
+
+
+def model_from_checkpoint(ckpt, path):
+    """A GPT from one of our checkpoints, nanoGPT's (model_args; exact GELU, maybe no biases; compiled models save
+    keys with an _orig_mod. prefix) or build-nanogpt's (config, a GPT-2 shape with tanh GELU)."""
+    from model import GPT, GPTConfig
+
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"{path} is not a model checkpoint: it has no 'model' weights")
+    if "model_config" in ckpt:  # ours
+        config = GPTConfig(**ckpt["model_config"])
+    elif "model_args" in ckpt:  # nanoGPT
+        args = ckpt["model_args"]
+        shape = {k: args[k] for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")}
+        config = GPTConfig(**shape, bias=bool(args.get("bias", True)), gelu="exact")
+    elif "config" in ckpt and hasattr(ckpt["config"], "n_layer"):  # build-nanogpt
+        fields = vars(ckpt["config"])
+        config = GPTConfig(**{k: fields[k] for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")})
+    else:
+        raise UserError(f"{path}: not a checkpoint of this repo, nanoGPT or build-nanogpt (no model shape in it)")
+    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    # nanoGPT without flash attention keeps its causal mask as a buffer: not a weight
+    state = {k: v for k, v in state.items() if not k.endswith(".attn.bias") or v.dim() != 4}
+    model = GPT(config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path}: the weights do not fit the model shape it names ({first_line(e)[:200]})") from e
+    return model
 
 
 def load_model(spec, device="cpu"):
-    """A GPT in eval mode from: one of our checkpoints (.pt), an out dir (its newest checkpoint), a directory written
-    by transformers' save_pretrained, or a Hugging Face name (gpt2, gpt2-medium, gpt2-large, gpt2-xl)."""
-    from model import GPT, MODEL_SIZES, GPTConfig
+    """A GPT in eval mode from: a checkpoint file of ours, nanoGPT's or build-nanogpt's (.pt), a directory holding
+    them (the newest), a directory written by transformers' save_pretrained, or a Hugging Face name (gpt2,
+    gpt2-medium, gpt2-large, gpt2-xl)."""
+    from model import GPT, MODEL_SIZES
 
     if os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "config.json")):
-        checkpoints = list_checkpoints(spec)
-        if not checkpoints:
-            raise UserError(f"{spec} holds no checkpoints (ckpt_NNNNNN.pt) and no config.json")
-        spec = checkpoints[-1]
+        spec = newest_checkpoint_in(spec)
     if spec.endswith(".pt"):
-        ckpt = load_checkpoint(spec)
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
+        model = model_from_checkpoint(load_checkpoint(spec), spec)
     elif os.path.isdir(spec) or spec in MODEL_SIZES:
         try:
             model = GPT.from_pretrained(spec)
         except (RuntimeError, ValueError, OSError) as e:
-            raise UserError(str(e)) from None
+            raise UserError(str(e)) from e
     else:
         raise UserError(
             f"no model {spec!r}: give a checkpoint .pt, an out dir, a transformers directory "
@@ -603,33 +660,42 @@ def read_log(path):
 
 
 def plot_log(log_path, png_path):
-    """Train/val loss and HellaSwag against steps, with GPT-2 124M's scores as reference lines."""
+    """Train and val loss against steps, and HellaSwag beside them when the run evaluated it. A run on FineWeb-Edu
+    gets GPT-2 124M's val loss there as a reference line; the HellaSwag panel gets GPT-2's and GPT-3's scores."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_log(log_path)
+    config = next((r for r in read_jsonl(log_path) if isinstance(r, dict) and r.get("event") == "config"), {})
 
     def series(key):
         points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
         return [p[0] for p in points], [p[1] for p in points]
 
-    fig, (ax_loss, ax_hella) = plt.subplots(1, 2, figsize=(14, 5))
+    hellaswag = series("hellaswag_acc_norm")
+    n_panels = 2 if hellaswag[0] else 1
+    fig, axes = plt.subplots(1, n_panels, figsize=(7 * n_panels, 5), squeeze=False)
+    ax_loss = axes[0][0]
     ax_loss.plot(*series("train_loss"), label="train loss", alpha=0.6, linewidth=0.8)
     ax_loss.plot(*series("val_loss"), label="val loss", marker=".")
-    ax_loss.axhline(GPT2_124M_VAL_LOSS, color="r", linestyle="--", label=f"GPT-2 124M val loss ({GPT2_124M_VAL_LOSS})")
+    if "fineweb" in str(config.get("data_dir", "")).lower():
+        label = f"GPT-2 124M val loss ({GPT2_124M_VAL_LOSS})"
+        ax_loss.axhline(GPT2_124M_VAL_LOSS, color="r", linestyle="--", label=label)
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss (nats/token)")
     ax_loss.set_yscale("log")
     ax_loss.legend()
-    ax_hella.plot(*series("hellaswag_acc_norm"), label="HellaSwag acc_norm", marker=".")
-    ax_hella.set_xlim(ax_loss.get_xlim())
-    ax_hella.axhline(GPT2_124M_HELLASWAG, color="r", linestyle="--", label=f"GPT-2 124M ({GPT2_124M_HELLASWAG})")
-    ax_hella.axhline(GPT3_124M_HELLASWAG, color="g", linestyle="--", label=f"GPT-3 124M ({GPT3_124M_HELLASWAG})")
-    ax_hella.set_xlabel("step")
-    ax_hella.set_ylabel("accuracy")
-    ax_hella.legend()
+    if n_panels == 2:
+        ax_hella = axes[0][1]
+        ax_hella.plot(*hellaswag, label="HellaSwag acc_norm", marker=".")
+        ax_hella.set_xlim(ax_loss.get_xlim())
+        ax_hella.axhline(GPT2_124M_HELLASWAG, color="r", linestyle="--", label=f"GPT-2 124M ({GPT2_124M_HELLASWAG})")
+        ax_hella.axhline(GPT3_124M_HELLASWAG, color="g", linestyle="--", label=f"GPT-3 124M ({GPT3_124M_HELLASWAG})")
+        ax_hella.set_xlabel("step")
+        ax_hella.set_ylabel("accuracy (completion style)")
+        ax_hella.legend()
     fig.tight_layout()
     with atomic_write(png_path) as f:
         fig.savefig(f, format="png", dpi=100)

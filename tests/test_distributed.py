@@ -32,10 +32,10 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hellaswag_file(tmp_path_factory):
-    from bench import synthetic_hellaswag
+    from hellaswag import synthetic_examples
 
     path = tmp_path_factory.mktemp("hellaswag") / "hellaswag.jsonl"
-    path.write_text("".join(json.dumps(ex) + "\n" for ex in synthetic_hellaswag(10)))
+    path.write_text("".join(json.dumps(ex) + "\n" for ex in synthetic_examples(10)))
     return path
 
 
@@ -312,7 +312,7 @@ def test_loading_a_checkpoint_maps_the_file_instead_of_reading_it_into_memory(tm
 def test_evaluation_and_sampling_use_full_fp32_matmuls_even_inside_training(tiny_checkpoint, monkeypatch):
     import hellaswag
     import sample
-    from bench import synthetic_hellaswag
+    from hellaswag import synthetic_examples
     from model import GPT
     from utils import get_tokenizer, load_model
 
@@ -333,7 +333,7 @@ def test_evaluation_and_sampling_use_full_fp32_matmuls_even_inside_training(tiny
     model = load_model(str(tiny_checkpoint()))
     torch.set_float32_matmul_precision("high")  # what train.py sets on CUDA: TF32
     try:
-        hellaswag.evaluate(model, synthetic_hellaswag(4), "cpu")
+        hellaswag.evaluate(model, synthetic_examples(4), "cpu")
         sample.generate_samples(model, get_tokenizer(), sample.Config(num_samples=1, max_new_tokens=3), "cpu")
         after = torch.get_float32_matmul_precision()
     finally:

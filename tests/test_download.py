@@ -280,13 +280,37 @@ def test_errors_are_one_line(tmp_path, corpus):
     assert r.returncode == 2 and "--shard-size and --max-tokens must be positive" in r.stderr
 
 
-def test_no_network_for_the_default_source_says_to_use_data_files(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    r = run("--out-dir", tmp_path / "out", env=env)
-    assert r.returncode == 2
-    line = r.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: cannot open HuggingFaceFW/fineweb-edu (sample-10BT) on the Hugging Face hub:")
-    assert line.endswith("with no network, tokenize local files with --data-files")
+def test_no_network_for_the_default_source_says_to_use_data_files_at_once_and_creates_nothing(tmp_path):
+    for env in (dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"), None):  # the second: no network here
+        t0 = time.time()
+        r = run("--out-dir", tmp_path / "out", env=env)
+        assert r.returncode == 2
+        line = r.stderr.strip().splitlines()[-1]
+        assert line.startswith("error: cannot open HuggingFaceFW/fineweb-edu (sample-10BT) on the Hugging Face hub:")
+        assert line.endswith("with no network, tokenize local files with --data-files")
+        assert time.time() - t0 < 20 and not (tmp_path / "out").exists()
+
+
+def test_hub_reachability_is_asked_once_through_the_proxy_settings(monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    from utils import load_script
+
+    downloader = load_script("download-fineweb-edu")
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(key, raising=False)
+    asked = []
+
+    def answer_404(request, timeout):
+        asked.append(request.full_url)
+        raise urllib.error.HTTPError(request.full_url, 404, "Not Found", {}, None)
+
+    monkeypatch.setattr(urllib.request, "urlopen", answer_404)
+    downloader.check_hub_reachable()  # any HTTP answer means the hub is there
+    monkeypatch.setenv("HF_ENDPOINT", "https://hf-mirror.example")
+    downloader.check_hub_reachable()
+    assert asked == ["https://huggingface.co", "https://hf-mirror.example"]
 
 
 def test_disk_full_removes_the_partial_shard_and_keeps_the_manifest_valid(corpus, reference, tmp_path, monkeypatch):

@@ -280,9 +280,9 @@ def test_hellaswag_refuses_a_batch_size_below_1_instead_of_reporting_unscored_ex
     tiny_checkpoint, tmp_path, batch_size
 ):
     data = tmp_path / "hs.jsonl"
-    from bench import synthetic_hellaswag
+    from hellaswag import synthetic_examples
 
-    data.write_text("".join(json.dumps(ex) + "\n" for ex in synthetic_hellaswag(4)))
+    data.write_text("".join(json.dumps(ex) + "\n" for ex in synthetic_examples(4)))
     r = run_script("hellaswag.py", "--model", tiny_checkpoint(), "--data-file", data, "--batch-size", batch_size)
     one_line_error(r, f"--batch-size must be at least 1 and --limit 0 or more, got {batch_size} and 0")
 

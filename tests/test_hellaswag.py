@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import hellaswag
-from bench import synthetic_hellaswag
 from conftest import ROOT, run_script
+from hellaswag import synthetic_examples
 from utils import UserError, get_tokenizer, load_model
 
 
@@ -21,7 +21,7 @@ from utils import UserError, get_tokenizer, load_model
 def data_file(tmp_path):
     path = tmp_path / "hellaswag.jsonl"
     with open(path, "w") as f:
-        for ex in synthetic_hellaswag(40, seed=3):
+        for ex in synthetic_examples(40, seed=3):
             f.write(json.dumps(ex) + "\n")
     return path
 
@@ -176,7 +176,7 @@ def test_two_processes_equal_one(tiny_checkpoint, data_file, tmp_path):
 
 
 def test_bad_data_files_name_line_and_field(tmp_path):
-    good = json.dumps(synthetic_hellaswag(1)[0])
+    good = json.dumps(synthetic_examples(1)[0])
     cases = [
         ("{not json", "line 2: not JSON"),
         (

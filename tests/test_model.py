@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import GPT, GPT2_VOCAB_SIZE, MODEL_SIZES, GPTConfig, sample_next_token
+from utils import export_model
 
 
 def tiny_config(**kw):
@@ -115,7 +116,7 @@ def test_export_loads_in_transformers_with_padded_rows_dropped(tmp_path):
 
     torch.manual_seed(0)
     model = GPT(tiny_config(vocab_size=50304)).eval()  # padded vocabulary, as trained
-    model.export_hf(tmp_path / "export")
+    export_model(model, tmp_path / "export")
     hf_model = GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
     assert hf_model.config.vocab_size == GPT2_VOCAB_SIZE
     idx = torch.randint(0, GPT2_VOCAB_SIZE, (2, 32))
@@ -124,8 +125,9 @@ def test_export_loads_in_transformers_with_padded_rows_dropped(tmp_path):
         theirs = hf_model(idx).logits
     assert theirs.shape[-1] == GPT2_VOCAB_SIZE
     assert (ours[..., :GPT2_VOCAB_SIZE] - theirs).abs().max().item() < 1e-4
-    # the directory is self-contained: it carries GPT-2's tokenizer too
-    assert GPT2Tokenizer.from_pretrained(tmp_path / "export").encode("Hello world") == [15496, 995]
+    # the directory is self-contained: it carries GPT-2's tokenizer too, with the model's context as its limit
+    tokenizer = GPT2Tokenizer.from_pretrained(tmp_path / "export")
+    assert tokenizer.encode("Hello world") == [15496, 995] and tokenizer.model_max_length == model.config.block_size
     # and our loader reads our own export back
     again = GPT.from_pretrained(str(tmp_path / "export")).eval()
     with torch.no_grad():

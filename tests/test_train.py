@@ -311,6 +311,38 @@ def test_quickstart_smoke_run_builds_data_and_learns(tmp_path):
     assert len(val) == 3 and val[0] - val[-1] >= 3.0  # from about ln(50304) = 10.8 to under 7.8
     assert any("samples" in r for r in records)
     assert {"ckpt_000020.pt", "ckpt_000040.pt", "loss.png"} <= set(os.listdir(tmp_path / "out"))
+    # it ends by saying where everything is and what to run next
+    assert f"python sample.py --model {tmp_path / 'out'}" in r.stdout and "loss.png" in r.stdout.splitlines()[-5]
+    assert png_width(tmp_path / "out" / "loss.png") == 700  # one panel: no HellaSwag in the quick start
+
+
+def png_width(path):
+    return int.from_bytes(path.read_bytes()[16:20], "big")
+
+
+def test_the_plot_draws_hellaswag_only_when_evaluated_and_gpt2s_val_loss_only_on_fineweb(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from utils import plot_log
+
+    lines = []
+    real_axhline = matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "axhline", lambda ax, y, **kw: lines.append(kw["label"]) or real_axhline(ax, y, **kw)
+    )
+    steps = [dict(step=s, train_loss=5.0 - s / 10) for s in range(5)]
+    for data_dir, hellaswag, width, labels in [
+        ("data/quickstart", False, 700, []),
+        ("edu_fineweb10B", False, 700, ["GPT-2 124M val loss (3.2924)"]),
+        ("edu_fineweb10B", True, 1400, ["GPT-2 124M val loss (3.2924)", "GPT-2 124M (0.2955)", "GPT-3 124M (0.337)"]),
+    ]:
+        records = [dict(event="config", data_dir=data_dir), *steps, dict(step=4, val_loss=4.8)]
+        if hellaswag:
+            records.append(dict(step=4, hellaswag_acc_norm=0.26))
+        (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        lines.clear()
+        plot_log(tmp_path / "log.jsonl", tmp_path / "p.png")
+        assert png_width(tmp_path / "p.png") == width and lines == labels
 
 
 @pytest.fixture
@@ -369,10 +401,10 @@ def test_compiled_training_evaluates_samples_and_saves_plain_weights(data_dir, t
 
 
 def test_hellaswag_runs_inside_training_or_is_skipped_with_one_warning(data_dir, tmp_path):
-    from bench import synthetic_hellaswag
+    from hellaswag import synthetic_examples
 
     hs = tmp_path / "hellaswag.jsonl"
-    hs.write_text("".join(json.dumps(ex) + "\n" for ex in synthetic_hellaswag(12)))
+    hs.write_text("".join(json.dumps(ex) + "\n" for ex in synthetic_examples(12)))
     run_train(*tiny(data_dir, tmp_path / "with", "--max-steps", 4, "--hellaswag-interval", 2, "--hellaswag-file", hs))
     evals = [r for r in read_log(tmp_path / "with" / "log.jsonl") if "hellaswag_acc_norm" in r]
     assert [r["step"] for r in evals] == [0, 2, 4] and all(r["hellaswag_examples"] == 12 for r in evals)
