@@ -418,7 +418,7 @@ def verify(out_dir):
         try:
             tokens = np.load(file, mmap_mode="r")
         except Exception as e:
-            raise UserError(f"verify failed: {file} is not a readable .npy file ({first_line(e)})") from None
+            raise UserError(f"verify failed: {file} is not a readable .npy file ({first_line(e)})") from e
         if tokens.dtype != np.uint16 or tokens.ndim != 1:
             raise UserError(f"verify failed: {file} holds {tokens.dtype} {tokens.shape}, expected uint16 (N,)")
         if len(tokens) != shard["tokens"]:

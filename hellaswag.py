@@ -89,7 +89,7 @@ def load_examples(path, limit=0):
             try:
                 ex = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {line_no}: not JSON ({e.msg})") from None
+                raise UserError(f"{path} line {line_no}: not JSON ({e.msg})") from e
             for key in ("ctx", "ctx_a", "ctx_b", "activity_label"):
                 if not isinstance(ex.get(key), str):
                     raise UserError(f"{path} line {line_no}: field {key!r} is missing or not a string")

@@ -368,5 +368,5 @@ def _download_from_hub(name):
         raise RuntimeError(
             f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}); "
             "with no network, pass a local directory written by transformers' save_pretrained"
-        ) from None
+        ) from e
     return os.path.dirname(path)

@@ -229,12 +229,12 @@ def take_out_dir(out_dir):
         raise UserError(f"cannot write to --out-dir {out_dir}: {e.strerror}") from e
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except BlockingIOError as e:
         lock.seek(0)
         owner = lock.read().strip() or "owner unknown"
         raise UserError(
             f"{out_dir} is in use by another train.py ({owner}): wait for it, or choose another --out-dir"
-        ) from None
+        ) from e
     lock.seek(0)
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

@@ -225,7 +225,7 @@ def open_shard(path):
     try:
         tokens = np.load(path, mmap_mode="r")
     except Exception as e:  # numpy reports bad headers and short files with several exception types
-        raise UserError(f"corrupt shard {path}: {e}") from None
+        raise UserError(f"corrupt shard {path}: {e}") from e
     if tokens.dtype != np.uint16:
         raise UserError(f"shard {path} has dtype {tokens.dtype}, expected uint16 token ids")
     if tokens.ndim != 1 or len(tokens) == 0:
@@ -553,8 +553,8 @@ def load_checkpoint(path):
         with torch.serialization.safe_globals([(ForeignConfig, "__main__.GPTConfig")]):
             # memory-mapped: pages are read as needed and shared by the processes of a node
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist") from None
+    except FileNotFoundError as e:
+        raise UserError(f"checkpoint {path} does not exist") from e
     except Exception as e:  # truncated or foreign files fail in the unpickler with many exception types
         raise UserError(
             f"cannot read checkpoint {path}: not a complete checkpoint ({type(e).__name__}: {first_line(e)[:200]})"

@@ -385,3 +385,10 @@ def test_verify_catches_token_ids_outside_the_vocabulary(tmp_path):
     (out / "manifest.json").write_text(json.dumps(manifest))
     r = run_script(DOWNLOADER, "--verify", "--out-dir", out)
     one_line_error(r, f"verify failed: shard {shard} holds token id 50300 at position 7")
+
+
+def test_gpt2_traceback_shows_the_whole_traceback_for_a_bug_report(data_dir, tmp_path):
+    args = tiny(tmp_path / "missing", tmp_path / "out")
+    one_line_error(run_script("train.py", *args), "data directory")
+    r = run_script("train.py", *args, env=dict(os.environ, GPT2_TRACEBACK="1"))
+    assert r.returncode != 0 and "Traceback" in r.stderr and "UserError: data directory" in r.stderr
