@@ -28,6 +28,7 @@ from utils import (
     ShardedDataLoader,
     UserError,
     atomic_write,
+    check_output_path,
     first_line,
     get_tokenizer,
     load_script,
@@ -595,6 +596,13 @@ def main():
         "--work-dir", default="", help="keep the runs' logs, checkpoints and data here (default: a temporary dir)"
     )
     args = p.parse_args()
+    for name in ("tokens", "shard_size", "repeats", "examples", "n_layer", "n_head", "n_embd", "batch_size"):
+        if getattr(args, name, 1) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.bench == "hellaswag" and args.n_embd % args.n_head:
+        p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+    if args.bench == "gpu":
+        check_output_path(args.out, "--out")
     {"tokenize": bench_tokenize, "hellaswag": bench_hellaswag, "gpu": bench_gpu}[args.bench](args)
 
 

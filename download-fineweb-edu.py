@@ -16,11 +16,15 @@ continues after the last finished shard and ends with byte-identical files.
 import collections
 import errno
 import glob
+import gzip
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,6 +68,12 @@ def parse_args(argv=None):
         parser.error("--shard-size and --max-tokens must be positive")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if not args.prefix or "/" in args.prefix or args.prefix.startswith("."):
+        parser.error(f"--prefix must be a plain file-name part, got {args.prefix!r}")
+    if not args.out_dir:
+        parser.error("--out-dir must not be empty")
+    if args.workers > (os.cpu_count() or 1):  # more processes than cores only costs memory and forks
+        args.workers = os.cpu_count() or 1
     return args
 
 
@@ -76,7 +86,11 @@ def resolve_data_files(patterns):
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches or not all(os.path.isfile(m) for m in matches):
-            raise UserError(f"cannot read --data-files {pattern}: no such file")
+            bad = next((m for m in matches if not os.path.isfile(m)), pattern)
+            what = (
+                "a directory: give the files in it (a glob like dir/*.jsonl)" if os.path.isdir(bad) else "no such file"
+            )
+            raise UserError(f"cannot read --data-files {bad}: {what}")
         files += [os.path.abspath(m) for m in matches]
     return files
 
@@ -135,7 +149,7 @@ def first_bad_line(path, text_field):
     """Where a jsonl file goes wrong, as 'line N ...' (datasets counts rows per chunk, not lines), or None."""
     if file_format([path]) != "json":
         return None
-    with open(path, "rb") as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
@@ -208,14 +222,21 @@ def tokenized_documents(batches, workers):
     """Token arrays of the documents, in input order, tokenized in parallel. At most 2 batches per worker are in
     flight, so memory stays bounded however fast the input arrives; the order makes the output deterministic."""
     get_tokenizer()  # built once here; the forked workers inherit it
-    with mp.get_context("fork").Pool(workers) as pool:
+    # unlike multiprocessing.Pool, the executor notices a worker that dies (killed, out of memory): no hang
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
         pending = collections.deque()
-        for texts in batches:
-            pending.append(pool.apply_async(tokenize_batch, (texts,)))
-            while len(pending) >= 2 * workers or (pending and pending[0].ready()):
-                yield from split_documents(*pending.popleft().get())
-        while pending:
-            yield from split_documents(*pending.popleft().get())
+        try:
+            for texts in batches:
+                pending.append(pool.submit(tokenize_batch, texts))
+                while len(pending) >= 2 * workers or (pending and pending[0].done()):
+                    yield from split_documents(*pending.popleft().result())
+            while pending:
+                yield from split_documents(*pending.popleft().result())
+        except BrokenProcessPool as e:
+            raise UserError(
+                "a tokenizer process died (killed, or out of memory?): the finished shards are kept; run again to "
+                "continue, with fewer --workers if memory is short"
+            ) from e
 
 
 def split_documents(tokens, lengths):
@@ -276,8 +297,12 @@ def read_manifest(out_dir):
     try:
         with open(path) as f:
             manifest = json.load(f)
-        if not isinstance(manifest["source"], dict) or not isinstance(manifest["shards"], list):
-            raise TypeError("source or shards of the wrong type")
+        if not isinstance(manifest["source"], dict) or not isinstance(manifest["complete"], bool):
+            raise TypeError("source or complete of the wrong type")
+        for shard in manifest["shards"]:
+            types = dict(file=str, split=str, tokens=int, next=list, sha256=str)
+            if not all(isinstance(shard[key], t) for key, t in types.items()) or len(shard["next"]) != 2:
+                raise TypeError(f"shard entry {shard!r:.80} is incomplete")
         return manifest
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise UserError(
@@ -301,6 +326,13 @@ def load_manifest(out_dir, source, files):
                 raise UserError(
                     f"{out_dir} holds shards made with {key}={manifest['source'].get(key)!r}, not {source.get(key)!r}: "
                     "use another --out-dir, or delete this one to start over"
+                )
+        for shard in manifest["shards"] if not manifest["complete"] else []:
+            path = os.path.join(out_dir, shard["file"])
+            if not os.path.isfile(path) or os.path.getsize(path) < 2 * shard["tokens"]:
+                raise UserError(
+                    f"{path}, a finished shard, is missing or cut short: continuing would leave a gap; "
+                    "restore it, or start over in another --out-dir"
                 )
         for was, now in zip(manifest.get("inputs", []), input_fingerprint(files)):
             if was != now and not manifest["complete"]:
@@ -450,7 +482,8 @@ def main(argv=None):
         print(f"{args.out_dir} is complete ({len(manifest['shards'])} shards); --verify checks it")
         return
     for name in os.listdir(args.out_dir) if os.path.isdir(args.out_dir) else []:
-        if name.endswith(".tmp"):  # a shard or manifest left half-written by a killed run
+        if re.match(rf"^({re.escape(args.prefix)}_(val|train)_\d{{6}}\.npy|{re.escape(MANIFEST)})\.\d+\.tmp$", name):
+            # a shard or manifest left half-written by a killed run (atomic_write's name for it)
             os.remove(os.path.join(args.out_dir, name))
 
     t0 = time.time()

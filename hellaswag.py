@@ -29,6 +29,7 @@ from utils import (
     UserError,
     atomic_write,
     autocast,
+    check_output_path,
     config_parser,
     exact_fp32_matmul,
     get_tokenizer,
@@ -36,6 +37,7 @@ from utils import (
     run_cli,
     setup_distributed,
     teardown_distributed,
+    write_json,
 )
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -71,25 +73,32 @@ def download(cache_dir):
         raise UserError(
             f"cannot download HellaSwag from {URL} ({e}): with no network, pass a local copy with --data-file"
         ) from e
-    os.makedirs(cache_dir, exist_ok=True)  # only now: a failed download leaves no empty folder behind
-    with atomic_write(path) as f:
-        f.write(data)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)  # only now: a failed download leaves no empty folder behind
+        with atomic_write(path) as f:
+            f.write(data)
+    except OSError as e:
+        raise UserError(f"cannot save HellaSwag in --cache-dir {cache_dir}: {e.strerror}") from e
     return path
 
 
 def load_examples(path, limit=0):
     """HellaSwag jsonl examples, each checked for the fields the scorers read."""
-    if not os.path.exists(path):
-        raise UserError(f"HellaSwag file {path} does not exist")
+    if not os.path.isfile(path):
+        raise UserError(f"HellaSwag file {path} " + ("is not a file" if os.path.exists(path) else "does not exist"))
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                ex = json.loads(line)
+                ex = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} line {line_no}: not UTF-8 text") from e
             except json.JSONDecodeError as e:
                 raise UserError(f"{path} line {line_no}: not JSON ({e.msg})") from e
+            if not isinstance(ex, dict):
+                raise UserError(f"{path} line {line_no}: not a JSON object")
             for key in ("ctx", "ctx_a", "ctx_b", "activity_label"):
                 if not isinstance(ex.get(key), str):
                     raise UserError(f"{path} line {line_no}: field {key!r} is missing or not a string")
@@ -273,6 +282,8 @@ def main(argv=None):
         raise UserError(
             f"--batch-size must be at least 1 and --limit 0 or more, got {args.batch_size} and {args.limit}"
         )
+    if args.out:
+        check_output_path(args.out, "--out")
     device, ddp_rank, _, ddp_world_size = setup_distributed(args.device)
     data_file = args.data_file or download(args.cache_dir)
     examples = load_examples(data_file, args.limit)
@@ -290,8 +301,7 @@ def main(argv=None):
         print(format_table(results, f"{os.path.basename(os.path.normpath(args.model))} ({results['examples']:,} ex)"))
         print(f"{results['examples']:,} examples in {results['seconds']:.1f} s on {ddp_world_size} x {device}")
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=2)
+            write_json(args.out, results)
     teardown_distributed()
 
 

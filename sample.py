@@ -8,13 +8,23 @@ Text is streamed to the console as it is generated. Sample i is drawn with its o
 (--seed, i), so a sample does not depend on how many others are drawn and the same seed gives the same samples.
 """
 
-import json
 import sys
 from dataclasses import dataclass
 
 import torch
 
-from utils import EOT, UserError, config_parser, exact_fp32_matmul, get_tokenizer, load_model, pick_device, run_cli
+from utils import (
+    EOT,
+    UserError,
+    check_output_path,
+    config_parser,
+    exact_fp32_matmul,
+    get_tokenizer,
+    load_model,
+    pick_device,
+    run_cli,
+    write_json,
+)
 
 
 @dataclass
@@ -92,17 +102,25 @@ def main(argv=None):
     args = Config(**vars(config_parser(Config, __doc__).parse_args(argv)))
     if args.num_samples < 1 or args.max_new_tokens < 1:
         raise UserError("--num-samples and --max-new-tokens must be at least 1")
-    if not (0 <= args.temperature < float("inf")) or args.top_k < 0 or not 0 < args.top_p <= 1:
+    # below 0.001 the scaled logits overflow; 0 is greedy
+    if not (args.temperature == 0 or 1e-3 <= args.temperature <= 100) or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise UserError(
-            f"--temperature must be a number >= 0, --top-k >= 0 and --top-p in (0, 1]; "
+            "--temperature must be 0 (greedy) or from 0.001 to 100, --top-k >= 0 and --top-p in (0, 1]; "
             f"got {args.temperature}, {args.top_k}, {args.top_p}"
         )
+    if abs(args.seed) >= 2**40:
+        raise UserError(f"--seed must be below 2**40 in size, got {args.seed}")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError("--prompt is not valid UTF-8 text") from e
+    if args.out:
+        check_output_path(args.out, "--out")
     device = pick_device(args.device)
     model = load_model(args.model, device)
     samples = generate_samples(model, get_tokenizer(), args, device, stream=sys.stdout)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(samples, f, indent=2, ensure_ascii=False)
+        write_json(args.out, samples)
 
 
 if __name__ == "__main__":

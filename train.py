@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import signal
 import sys
@@ -39,10 +40,12 @@ from utils import (
     broadcast_from_rank0,
     config_parser,
     export_model,
+    first_line,
     get_tokenizer,
     list_checkpoints,
     load_checkpoint,
     load_script,
+    model_from_checkpoint,
     peak_flops,
     plot_log,
     read_jsonl,
@@ -216,6 +219,9 @@ def append_jsonl(path, record):
         f.write((json.dumps(record) + "\n").encode())
 
 
+OWN_TEMPORARY = re.compile(r"^(ckpt_\d{6,}\.pt|loss\.png)\.\d+\.tmp$")  # what atomic_write leaves when killed
+
+
 def take_out_dir(out_dir):
     """Lock out_dir for this run and clear what a killed run left half-written. A second train.py on the same
     directory is refused at once; the kernel drops the lock when its process ends, even by kill -9."""
@@ -240,13 +246,24 @@ def take_out_dir(out_dir):
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     lock.flush()
     for name in os.listdir(out_dir):
-        if name.endswith(".tmp"):  # a checkpoint or plot that a kill cut short: up to 1.5 GB each for 124M
+        if OWN_TEMPORARY.match(name):  # a checkpoint or plot that a kill cut short: up to 1.5 GB each for 124M
             os.remove(os.path.join(out_dir, name))
     return lock
 
 
 # settings a checkpoint cannot continue under; any other change on --resume is allowed and logged
 FIXED_ON_RESUME = ("n_layer", "n_head", "n_embd", "seq_len", "total_batch")
+
+
+RESUME_KEYS = ("model", "optimizer", "model_config", "config", "step", "train_loader", "rng")
+
+
+def check_resumable(checkpoint, path):
+    """A checkpoint of train.py's own, with everything a resume reads."""
+    missing = [k for k in RESUME_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise UserError(f"{path} is not a train.py checkpoint (no {', '.join(missing)})")
+    return checkpoint
 
 
 def find_start(config):
@@ -263,7 +280,7 @@ def find_start(config):
         print(f"note: --resume: {config.out_dir} holds no checkpoint yet, so this run starts at step 0")
     for path in reversed(paths):
         try:
-            start.update(path=path, checkpoint=load_checkpoint(path))
+            start.update(path=path, checkpoint=check_resumable(load_checkpoint(path), path))
             break
         except UserError as e:
             print(f"warning: skipping {path}: {e}", file=sys.stderr)
@@ -274,6 +291,11 @@ def find_start(config):
             "restore one, or start over in another --out-dir"
         )
     if start["checkpoint"] is not None:
+        if start["checkpoint"]["step"] > config.max_steps:
+            raise UserError(
+                f"{start['path']} is at step {start['checkpoint']['step']}, past --max-steps {config.max_steps}: "
+                "give a larger --max-steps to go on"
+            )
         saved = start["checkpoint"]["config"]
         fixed = [k for k in FIXED_ON_RESUME if saved.get(k) != getattr(config, k)]
         if fixed:
@@ -305,6 +327,16 @@ def prepare_quickstart_data(data_dir):
                 f.write(json.dumps(dict(text=text)) + "\n")
     downloader = load_script("download-fineweb-edu")
     downloader.main(["--data-files", corpus, "--out-dir", data_dir, "--prefix", "pydocs", "--shard-size", "50000"])
+
+
+def check_weights(model, step, out_dir):
+    """A step can leave NaN or infinite weights behind a finite loss (a huge learning rate): never save those."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        last = list_checkpoints(out_dir)
+        raise UserError(
+            f"step {step}: the update left NaN or infinite weights; not saved. The last good checkpoint is "
+            f"{last[-1] if last else 'none'}: lower --max-lr, then --resume"
+        )
 
 
 def write_checkpoint(config, raw_model, optimizer, model_config, step, train_loader, val_loss, device, damaged):
@@ -343,6 +375,14 @@ def load_hellaswag(config, master_process, device):
     return broadcast_from_rank0(examples, device)
 
 
+def download_incomplete(data_dir):
+    try:
+        with open(os.path.join(data_dir, "manifest.json")) as f:
+            return json.load(f).get("complete") is False
+    except (OSError, ValueError, AttributeError):  # no manifest (shards made otherwise), or not ours
+        return False
+
+
 def fit_micro_batch(config, world_size):
     """The largest micro-batch up to --micro-batch that divides each process's share of a step into whole micro-steps:
     a preset then runs on any number of processes that splits --total-batch into whole sequences."""
@@ -356,9 +396,14 @@ def fit_micro_batch(config, world_size):
 
 
 def check_config(config):
+    """One-line errors for settings that would crash later or train on garbage."""
+
+    def fail(name, rule):
+        raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(config, name)}")
+
     for name in ("micro_batch", "seq_len", "total_batch", "n_layer", "n_head", "n_embd"):
         if getattr(config, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+            fail(name, "at least 1")
     if config.n_embd % config.n_head != 0:
         raise UserError(f"--n-embd {config.n_embd} is not divisible by --n-head {config.n_head}")
     for name in (
@@ -375,9 +420,23 @@ def check_config(config):
         "hellaswag_limit",
     ):
         if getattr(config, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(config, name)}")
-    if not (math.isfinite(config.max_lr) and config.max_lr > 0):
-        raise UserError(f"--max-lr must be a positive number, got {config.max_lr}")
+            fail(name, "0 or more")
+    if not 0 < config.max_lr <= 1000:  # beyond, AdamW's float32 update overflows
+        fail("max_lr", "a positive number up to 1000")
+    for name, lo, hi in (("min_lr_ratio", 0, 1), ("beta1", 0, 0.999999), ("beta2", 0, 0.999999)):
+        if not lo <= getattr(config, name) <= hi:
+            fail(name, f"from {lo} to {hi}")
+    for name in ("eps", "weight_decay", "grad_clip"):  # NaN fails every comparison, so it lands here too
+        if not (0 <= getattr(config, name) < math.inf) or (name == "eps" and config.eps == 0):
+            fail(name, "a finite number >= 0" + (", not 0" if name == "eps" else ""))
+    if not 0 <= config.seed < 2**32:
+        fail("seed", "from 0 to 2**32 - 1")
+    if config.eval_interval > 0 and config.val_steps == 0:
+        raise UserError("--val-steps 0 evaluates nothing: give --val-steps N, or --eval-interval 0 for no validation")
+    if config.sample_interval > 0 and (not config.sample_prompt or config.num_samples == 0):
+        raise UserError("--sample-prompt is empty or --num-samples 0: give both, or --sample-interval 0 for no samples")
+    if config.export and os.path.exists(config.export) and not os.path.isdir(config.export):
+        raise UserError(f"--export {config.export} is a file: the export is a directory")
 
 
 class StopSignal:
@@ -451,9 +510,15 @@ def main(argv=None):
 
     def open_data():  # each node reads its own copy of the shards
         if not os.path.isdir(config.data_dir):
+            what = "is not a directory" if os.path.exists(config.data_dir) else "does not exist"
             raise UserError(
-                f"data directory {config.data_dir} does not exist: "
+                f"data directory {config.data_dir} {what}: "
                 "run download-fineweb-edu.py first (or try --preset quickstart)"
+            )
+        if master_process and download_incomplete(config.data_dir):
+            print(
+                f"warning: {config.data_dir}/manifest.json says the download is not complete: training on the "
+                "shards there so far"
             )
         train_loader = ShardedDataLoader(
             config.data_dir,
@@ -471,6 +536,11 @@ def main(argv=None):
         return train_loader, val_loader
 
     train_loader, val_loader = all_ranks_agree(open_data)
+    val_batches = val_loader.epoch_tokens // (config.micro_batch * config.seq_len * ddp_world_size)
+    if config.val_steps > val_batches:
+        if master_process:
+            print(f"note: the val split holds {val_batches} batches: --val-steps {config.val_steps} -> {val_batches}")
+        config.val_steps = val_batches
     # rank 0 owns the out dir (log, plots, checkpoints) and decides where the run starts; every rank gets its
     # checkpoint from rank 0, so the other nodes need not see rank 0's disk
     lock = all_ranks_agree(lambda: take_out_dir(config.out_dir) if master_process else None)  # noqa: F841 (held)
@@ -478,6 +548,9 @@ def main(argv=None):
     if start["finished"]:
         if master_process:
             print(f"{config.out_dir} is finished: all {config.max_steps} steps are done (a larger --max-steps goes on)")
+            if config.export:
+                export_model(model_from_checkpoint(start["checkpoint"], start["path"]), config.export)
+                print(f"exported {start['path']} to {config.export} (transformers GPT2LMHeadModel format)")
         teardown_distributed()
         return
 
@@ -495,8 +568,11 @@ def main(argv=None):
     start_step, changes = 0, {}
     if start["checkpoint"] is not None:
         checkpoint = start["checkpoint"]
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"{start['path']}: its weights do not fit this model ({first_line(e)[:200]})") from e
         all_ranks_agree(lambda: train_loader.load_state_dict(checkpoint["train_loader"]))
         set_rng_states(checkpoint["rng"], device)
         start_step = checkpoint["step"]
@@ -587,7 +663,8 @@ def main(argv=None):
                 raise UserError(
                     f"step {step}: the train loss is {loss}, the gradient norm {norm}; stopped. "
                     "The last good checkpoint is "
-                    f"{last[-1] if last else 'none'}: lower --max-lr or check the data, then --resume"
+                    f"{last[-1] if last else 'none'}: lower --max-lr or check the data, then --resume (if it fails "
+                    "again, that checkpoint was already diverging: move it away to resume from the one before)"
                 )
             dt = time.time() - t0
             tokens_per_sec = config.total_batch / dt
@@ -605,6 +682,8 @@ def main(argv=None):
                 )
             signum = stop.agreed(device)
             checkpoint_due = config.checkpoint_interval > 0 and (step + 1) % config.checkpoint_interval == 0
+            if checkpoint_due or step + 1 == config.max_steps or signum:
+                check_weights(raw_model, step, config.out_dir)  # on every rank: they hold the same weights
             if master_process and (checkpoint_due or step + 1 == config.max_steps or signum):
                 write_checkpoint(
                     config, raw_model, optimizer, model_config, step + 1, train_loader, val_loss, device, damaged
@@ -620,10 +699,10 @@ def main(argv=None):
         stop.restore()
 
     if master_process:
-        append_jsonl(log_path, dict(event="finished", step=config.max_steps))
         if config.export:
             export_model(raw_model, config.export)
             print(f"exported the model to {config.export} (transformers GPT2LMHeadModel format)")
+        append_jsonl(log_path, dict(event="finished", step=config.max_steps))
         print(finished_message(config))
     teardown_distributed()
 

@@ -10,6 +10,12 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+die() { echo "error: $*" >&2; exit 2; }
+for var in NGPU NNODES NODE_RANK MASTER_PORT; do
+    value="${!var:-}"
+    [[ -z "$value" || "$value" =~ ^[0-9]+$ ]] || die "$var must be a whole number >= 0, got '$value'"
+done
+
 if [[ -z "${NGPU:-}" ]]; then
     NGPU=$( (nvidia-smi --list-gpus 2>/dev/null || true) | grep -c "^GPU" || true)
     if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
@@ -25,10 +31,14 @@ if [[ -z "${NGPU:-}" ]]; then
     fi
 fi
 
+if [[ "${NNODES:-1}" -gt 1 && "$NGPU" -lt 1 ]]; then
+    die "NNODES=$NNODES, but this machine has no GPU (or none visible): train.sh runs several nodes only on GPUs"
+fi
 if [[ "$NGPU" -ge 1 ]]; then
-    if [[ -n "${NNODES:-}" && "${NNODES}" -gt 1 ]]; then
-        : "${NODE_RANK:?set NODE_RANK (0 .. NNODES-1) for a multi-node run}"
-        : "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0 for a multi-node run}"
+    if [[ "${NNODES:-1}" -gt 1 ]]; then
+        [[ -n "${NODE_RANK:-}" ]] || die "set NODE_RANK (0 .. NNODES-1) for a multi-node run"
+        [[ -n "${MASTER_ADDR:-}" ]] || die "set MASTER_ADDR to the address of node 0 for a multi-node run"
+        (( NODE_RANK < NNODES )) || die "NODE_RANK=$NODE_RANK must be below NNODES=$NNODES"
         cmd=(torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NGPU"
              --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" train.py "$@")
     else

@@ -39,15 +39,34 @@ def run_cli(main):
             stream.reconfigure(errors="backslashreplace")
     try:
         main()
-    except UserError as e:
+    except (UserError, MemoryError, torch.OutOfMemoryError, KeyboardInterrupt) as e:
         if os.environ.get("GPT2_TRACEBACK"):
             raise
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C: every file is written atomically, so nothing is half-done
+            print("interrupted: what was finished is kept; run the same command again to continue", file=sys.stderr)
+            sys.exit(130)
+        if not isinstance(e, UserError):
+            e = f"out of memory ({first_line(e)[:200]}): use smaller sizes (--micro-batch, --shard-size, the model)"
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
         dist = sys.modules.get("torch.distributed")
         if dist is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # after an error: torch warns about a group left behind
+
+
+def check_output_path(path, flag):
+    """Fail before any work if a result could not be written at path (a file, not a directory)."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a directory: give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path}: the directory {parent} does not exist")
+
+
+def write_json(path, obj):
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
 
 
 def parse_count(text):
@@ -620,8 +639,10 @@ def load_model(spec, device="cpu"):
     elif os.path.isdir(spec) or spec in MODEL_SIZES:
         try:
             model = GPT.from_pretrained(spec)
-        except (RuntimeError, ValueError, OSError) as e:
+        except (RuntimeError, ValueError, OSError) as e:  # said in words by from_pretrained
             raise UserError(str(e)) from e
+        except Exception as e:  # a damaged config.json or weights file fails in many ways
+            raise UserError(f"cannot load {spec}: {type(e).__name__}: {first_line(e)[:300]}") from e
     else:
         raise UserError(
             f"no model {spec!r}: give a checkpoint .pt, an out dir, a transformers directory "
@@ -654,7 +675,7 @@ def read_log(path):
     """log.jsonl's step records merged per step; where a resumed run logged a step again, its record wins."""
     steps = {}
     for record in read_jsonl(path):
-        if isinstance(record, dict) and "step" in record and "event" not in record:
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and "event" not in record:
             steps.setdefault(record["step"], {}).update(record)
     return [steps[s] for s in sorted(steps)]
 
@@ -668,6 +689,8 @@ def plot_log(log_path, png_path):
     import matplotlib.pyplot as plt
 
     records = read_log(log_path)
+    if not records:
+        raise UserError(f"{log_path} holds no step records to plot")
     config = next((r for r in read_jsonl(log_path) if isinstance(r, dict) and r.get("event") == "config"), {})
 
     def series(key):

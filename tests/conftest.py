@@ -90,3 +90,33 @@ def tiny_checkpoint(tmp_path):
         return path
 
     return make
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Token shards of random documents for train.py: a val shard and two train shards."""
+    d = tmp_path_factory.mktemp("shards")
+    stream = np.concatenate(make_docs(3000))
+    np.save(d / "t_val_000000.npy", stream[:5000])
+    np.save(d / "t_train_000001.npy", stream[5000:40000])
+    np.save(d / "t_train_000002.npy", stream[40000:])
+    return d
+
+
+def tiny(data_dir, out_dir, *extra):
+    """train.py's arguments for the tiny preset on the CPU."""
+    return ["--preset", "tiny", "--device", "cpu", "--data-dir", data_dir, "--out-dir", out_dir, *map(str, extra)]
+
+
+def train_losses(out_dir):
+    from utils import read_log
+
+    return {r["step"]: r["train_loss"] for r in read_log(os.path.join(out_dir, "log.jsonl")) if "train_loss" in r}
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -10,24 +10,14 @@ import sys
 import time
 import weakref
 
-import numpy as np
 import pytest
 import torch
 
 import train
-from conftest import ROOT, make_docs, run_script
+from conftest import ROOT, free_port, run_script, train_losses
 from utils import load_checkpoint, read_log, save_checkpoint
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("shards")
-    stream = np.concatenate(make_docs(3000))
-    np.save(d / "t_val_000000.npy", stream[:5000])
-    np.save(d / "t_train_000001.npy", stream[5000:])
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +27,6 @@ def hellaswag_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("hellaswag") / "hellaswag.jsonl"
     path.write_text("".join(json.dumps(ex) + "\n" for ex in synthetic_examples(10)))
     return path
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def train_losses(out_dir):
-    return {r["step"]: r["train_loss"] for r in read_log(os.path.join(out_dir, "log.jsonl")) if "train_loss" in r}
 
 
 def log_records(out_dir):

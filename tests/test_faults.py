@@ -11,27 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, make_docs, run_script
+from conftest import ROOT, make_docs, run_script, tiny, train_losses
 from utils import read_log
 
 DOWNLOADER = "download-fineweb-edu.py"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("shards")
-    stream = np.concatenate(make_docs(3000))
-    np.save(d / "t_val_000000.npy", stream[:5000])
-    np.save(d / "t_train_000001.npy", stream[5000:])
-    return d
-
-
-def tiny(data_dir, out_dir, *extra):
-    return ["--preset", "tiny", "--device", "cpu", "--data-dir", data_dir, "--out-dir", out_dir, *map(str, extra)]
-
-
-def train_losses(out_dir):
-    return {r["step"]: r["train_loss"] for r in read_log(os.path.join(out_dir, "log.jsonl")) if "train_loss" in r}
 
 
 def one_line_error(r, message):
@@ -265,7 +248,7 @@ def test_sigterm_under_torchrun_stops_every_rank_after_the_same_step(data_dir, t
 def test_bad_training_flags_are_one_line_errors(data_dir, tmp_path):
     for extra, message in [
         (("--keep-checkpoints", -1), "--keep-checkpoints must be 0 or more, got -1"),
-        (("--max-lr", "nan"), "--max-lr must be a positive number, got nan"),
+        (("--max-lr", "nan"), "--max-lr must be a positive number up to 1000, got nan"),
         (("--max-steps", -3), "--max-steps must be 0 or more, got -3"),
     ]:
         one_line_error(run_script("train.py", *tiny(data_dir, tmp_path / "x", *extra)), message)
@@ -289,7 +272,7 @@ def test_hellaswag_refuses_a_batch_size_below_1_instead_of_reporting_unscored_ex
 
 def test_sample_refuses_a_nan_temperature_and_prints_to_an_ascii_terminal(tiny_checkpoint):
     r = run_script("sample.py", "--model", tiny_checkpoint(), "--temperature", "nan")
-    one_line_error(r, "--temperature must be a number >= 0")
+    one_line_error(r, "--temperature must be 0 (greedy) or from 0.001 to 100")
     env = dict(os.environ, PYTHONIOENCODING="ascii")
     r = run_script(
         "sample.py",
@@ -392,3 +375,273 @@ def test_gpt2_traceback_shows_the_whole_traceback_for_a_bug_report(data_dir, tmp
     one_line_error(run_script("train.py", *args), "data directory")
     r = run_script("train.py", *args, env=dict(os.environ, GPT2_TRACEBACK="1"))
     assert r.returncode != 0 and "Traceback" in r.stderr and "UserError: data directory" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# more cases, found by trying every flag and file with odd values
+
+
+def test_more_bad_training_settings_are_one_line_errors_before_any_work(data_dir, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    for extra, message in [
+        (("--beta1", 2), "--beta1 must be from 0 to 0.999999, got 2.0"),
+        (("--eps", -1), "--eps must be a finite number >= 0, not 0, got -1.0"),
+        (("--weight-decay", -1), "--weight-decay must be a finite number >= 0, got -1.0"),
+        (("--grad-clip", "nan"), "--grad-clip must be a finite number >= 0, got nan"),
+        (("--min-lr-ratio", "nan"), "--min-lr-ratio must be from 0 to 1, got nan"),
+        (("--seed", -1), "--seed must be from 0 to 2**32 - 1, got -1"),
+        (("--seed", "1e30"), "--seed must be from 0 to 2**32 - 1"),
+        (("--val-steps", 0), "--val-steps 0 evaluates nothing"),
+        (("--sample-prompt", ""), "--sample-prompt is empty or --num-samples 0"),
+        (("--export", tmp_path / "a_file"), f"--export {tmp_path / 'a_file'} is a file"),
+    ]:
+        r = run_script("train.py", *tiny(data_dir, tmp_path / "x", *extra))
+        one_line_error(r, message)
+        assert not (tmp_path / "x").exists()  # refused before the out dir was made
+    one_line_error(run_script("train.py", *tiny(tmp_path / "a_file", tmp_path / "x")), "is not a directory")
+
+
+def test_val_steps_beyond_the_val_split_are_capped_with_a_note(data_dir, tmp_path):
+    r = run_script("train.py", *tiny(data_dir, tmp_path / "out", "--max-steps", 1, "--val-steps", "1e12"))
+    assert r.returncode == 0, r.stderr
+    assert "note: the val split holds 39 batches: --val-steps 1000000000000 -> 39" in r.stdout
+
+
+def test_weights_that_overflowed_are_never_saved(data_dir, tmp_path):
+    import torch
+
+    import train
+    from model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=8, n_layer=1, n_head=1, n_embd=8))
+    train.check_weights(model, 3, str(tmp_path))  # finite: fine
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("inf")
+    with pytest.raises(train.UserError, match="step 3: the update left NaN or infinite weights; not saved"):
+        train.check_weights(model, 3, str(tmp_path))
+    one_line_error(run_script("train.py", *tiny(data_dir, tmp_path / "x", "--max-lr", "1e300")), "up to 1000")
+
+
+def test_only_files_this_program_writes_are_cleaned_up(data_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.tmp").write_text("mine")
+    (out / "ckpt_000005.pt.77.tmp").write_text("a kill left this")
+    assert run_script("train.py", *tiny(data_dir, out, "--max-steps", 1)).returncode == 0
+    assert (out / "notes.tmp").read_text() == "mine" and not (out / "ckpt_000005.pt.77.tmp").exists()
+    corpus = write_jsonl(tmp_path / "c.jsonl", [dict(text=f"document {i} " * 30) for i in range(50)])
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "notes.tmp").write_text("mine")
+    assert run_script(DOWNLOADER, "--data-files", corpus, "--out-dir", shards).returncode == 0
+    assert (shards / "notes.tmp").read_text() == "mine"
+
+
+def test_export_is_checked_first_and_a_finished_run_can_still_export(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_script("train.py", *tiny(data_dir, out, "--max-steps", 2, "--sample-interval", 0)).returncode == 0
+    r = run_script("train.py", *tiny(data_dir, out, "--max-steps", 2, "--resume", "--export", tmp_path / "hf"))
+    assert r.returncode == 0 and "is finished" in r.stdout, r.stderr
+    assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_a_checkpoint_past_max_steps_or_from_another_program_is_refused(data_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_script("train.py", *tiny(data_dir, out, "--max-steps", 5)).returncode == 0
+    r = run_script("train.py", *tiny(data_dir, out, "--max-steps", 3, "--resume"))
+    one_line_error(r, "ckpt_000005.pt is at step 5, past --max-steps 3: give a larger --max-steps")
+    import torch
+
+    torch.save({"a": 1}, out / "ckpt_000005.pt")
+    r = run_script("train.py", *tiny(data_dir, out, "--max-steps", 8, "--resume"))
+    assert "ckpt_000005.pt is not a train.py checkpoint (no model, optimizer" in r.stderr
+    one_line_error(r, "no checkpoint in")
+
+
+def test_training_on_an_unfinished_download_warns(data_dir, tmp_path):
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(data_dir, partial)
+    (partial / "manifest.json").write_text(json.dumps(dict(source={}, shards=[], complete=False)))
+    r = run_script("train.py", *tiny(partial, tmp_path / "out", "--max-steps", 1))
+    assert r.returncode == 0 and "manifest.json says the download is not complete" in r.stdout, r.stderr
+
+
+def test_downloader_refuses_a_gap_a_bad_prefix_and_a_damaged_shard_list(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [dict(text=f"document {i} " * 30) for i in range(300)])
+    out = tmp_path / "out"
+    args = ["--data-files", corpus, "--out-dir", out, "--shard-size", 3000]
+    assert run_script(DOWNLOADER, *args).returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(dict(manifest, complete=False)))
+    (out / manifest["shards"][2]["file"]).unlink()
+    one_line_error(run_script(DOWNLOADER, *args), "a finished shard, is missing or cut short")
+    (out / "manifest.json").write_text(json.dumps(dict(manifest, shards=[1, 2])))
+    one_line_error(run_script(DOWNLOADER, *args), "manifest.json is damaged")
+    r = run_script(DOWNLOADER, "--data-files", corpus, "--out-dir", tmp_path / "o2", "--prefix", "")
+    assert r.returncode == 2 and "--prefix must be a plain file-name part, got ''" in r.stderr
+    r = run_script(DOWNLOADER, "--data-files", tmp_path, "--out-dir", tmp_path / "o3")
+    one_line_error(r, f"cannot read --data-files {tmp_path}: a directory")
+
+
+def test_downloader_names_the_line_of_a_bad_gzipped_jsonl(tmp_path):
+    import gzip
+
+    corpus = tmp_path / "c.jsonl.gz"
+    with gzip.open(corpus, "wt") as f:
+        f.write('{"text": "one"}\n{"text": "two"}\n{"text": \n')
+    one_line_error(run_script(DOWNLOADER, "--data-files", corpus, "--out-dir", tmp_path / "out"), "line 3 is not JSON")
+
+
+def test_a_tokenizer_process_that_dies_ends_the_download_with_an_error_not_a_hang(tmp_path):
+    row = dict(text="lorem ipsum dolor sit amet " * 60)
+    corpus = write_jsonl(tmp_path / "c.jsonl", [row] * 60_000)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, DOWNLOADER),
+            "--data-files",
+            corpus,
+            "--out-dir",
+            tmp_path / "out",
+            "--workers",
+            "2",
+            "--shard-size",
+            "1e6",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    children = []
+    deadline = time.time() + 60
+    while not children and time.time() < deadline:
+        time.sleep(0.5)
+        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    time.sleep(1)
+    os.kill(int(children[0]), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "a tokenizer process died" in stderr.strip().splitlines()[-1], stderr
+
+
+def test_ctrl_c_in_the_downloader_is_one_line_and_the_rerun_continues(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", [dict(text="lorem ipsum dolor sit amet " * 60)] * 30_000)
+    args = [
+        sys.executable,
+        os.path.join(ROOT, DOWNLOADER),
+        "--data-files",
+        corpus,
+        "--out-dir",
+        tmp_path / "out",
+        "--workers",
+        "1",
+        "--shard-size",
+        "2e5",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "out").glob("*_train_*.npy")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "interrupted: what was finished is kept" in stderr
+    assert subprocess.run(args, capture_output=True).returncode == 0
+
+
+def test_hellaswag_files_that_are_damaged_are_one_line_errors_or_skipped_in_training(
+    data_dir, tmp_path, tiny_checkpoint
+):
+    cases = {"a_dir": None, "binary.jsonl": b"\xff\xfe\n", "list.jsonl": b"[1, 2]\n"}
+    messages = {"a_dir": "is not a file", "binary.jsonl": "line 1: not UTF-8 text", "list.jsonl": "not a JSON object"}
+    for name, content in cases.items():
+        path = tmp_path / name
+        path.mkdir() if content is None else path.write_bytes(content)
+        r = run_script("hellaswag.py", "--model", tiny_checkpoint(), "--data-file", path)
+        one_line_error(r, messages[name])
+    r = run_script(
+        "train.py",
+        *tiny(
+            data_dir,
+            tmp_path / "out",
+            "--max-steps",
+            1,
+            "--hellaswag-interval",
+            1,
+            "--hellaswag-file",
+            tmp_path / "binary.jsonl",
+        ),
+    )
+    assert r.returncode == 0 and "warning: HellaSwag is skipped" in r.stderr, r.stderr
+
+
+def test_output_paths_are_checked_before_the_work(tiny_checkpoint, tmp_path):
+    from hellaswag import synthetic_examples
+
+    data = tmp_path / "hs.jsonl"
+    data.write_text("".join(json.dumps(ex) + "\n" for ex in synthetic_examples(2)))
+    model = tiny_checkpoint()
+    for script, args, message in [
+        ("hellaswag.py", ["--model", model, "--data-file", data, "--out", tmp_path], "is a directory"),
+        ("sample.py", ["--model", model, "--out", tmp_path / "no" / "s.json"], "does not exist"),
+        ("misc/plot_log.py", [tmp_path], "is not a file"),
+        ("bench.py", ["gpu", "--out", tmp_path], "is a directory"),
+    ]:
+        one_line_error(run_script(script, *args), message)
+
+
+def test_sample_refuses_temperatures_that_overflow_and_prompts_that_are_not_utf8(tiny_checkpoint):
+    for temperature in ("1e-45", "1e300"):
+        r = run_script("sample.py", "--model", tiny_checkpoint(), "--temperature", temperature)
+        one_line_error(r, "--temperature must be 0 (greedy) or from 0.001 to 100")
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "sample.py"), "--model", str(tiny_checkpoint()), "--prompt", b"\xff\xfe"],
+        capture_output=True,
+        text=True,
+    )
+    one_line_error(r, "--prompt is not valid UTF-8 text")
+
+
+def test_a_damaged_transformers_directory_is_a_one_line_error(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    one_line_error(run_script("sample.py", "--model", tmp_path / "hf"), f"cannot load {tmp_path / 'hf'}: KeyError")
+
+
+def test_train_sh_refuses_bad_counts_in_one_line(monkeypatch):
+    for key in ("NGPU", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(key, raising=False)
+    for env, message in [
+        (dict(NGPU="abc"), "error: NGPU must be a whole number >= 0, got 'abc'"),
+        (dict(NGPU="1.5"), "error: NGPU must be a whole number >= 0, got '1.5'"),
+        (dict(NGPU="0", NNODES="2"), "error: NNODES=2, but this machine has no GPU"),
+        (dict(NGPU="2", NNODES="2", NODE_RANK="5", MASTER_ADDR="h"), "error: NODE_RANK=5 must be below NNODES=2"),
+    ]:
+        r = subprocess.run(
+            [os.path.join(ROOT, "train.sh")],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, TRAIN_SH_DRY_RUN="1", **env),
+        )
+        assert r.returncode == 2 and r.stderr.strip().startswith(message), r.stderr
+
+
+def test_the_plot_skips_records_whose_step_is_not_a_number(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "train_loss": 3.0}\n{"step": "a", "train_loss": 2.0}\n{"step": 2, "train_loss": 2.5}\n')
+    assert [r["step"] for r in read_log(log)] == [1, 2]
+    r = run_script("misc/plot_log.py", log, tmp_path / "p.png")
+    assert r.returncode == 0 and (tmp_path / "p.png").exists(), r.stderr
+    (tmp_path / "empty.jsonl").write_text("")
+    one_line_error(run_script("misc/plot_log.py", tmp_path / "empty.jsonl"), "holds no step records to plot")
+
+
+def test_bench_flags_are_checked():
+    for args, message in [
+        (["hellaswag", "--examples", 0], "--examples must be at least 1, got 0"),
+        (["tokenize", "--repeats", 0], "--repeats must be at least 1, got 0"),
+        (["hellaswag", "--n-head", 3], "--n-embd 128 is not divisible by --n-head 3"),
+    ]:
+        r = run_script("bench.py", *args)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -202,7 +202,7 @@ def test_script_errors_are_one_line(tmp_path, data_file):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     cases = [
         (["--model", tmp_path / "missing.pt"], f"error: checkpoint {tmp_path / 'missing.pt'} does not exist"),
-        (["--model", tmp_path], f"error: {tmp_path} holds no checkpoints (ckpt_NNNNNN.pt) and no config.json"),
+        (["--model", tmp_path], f"error: {tmp_path} holds no checkpoint (ckpt_NNNNNN.pt, nanoGPT's ckpt.pt"),
         (["--model", "gpt2-xxl"], "error: no model 'gpt2-xxl'"),
         (["--model", "gpt2"], "error: could not fetch 'gpt2' from the Hugging Face hub"),
     ]

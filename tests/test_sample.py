@@ -111,7 +111,10 @@ def test_errors_are_one_line(tiny_checkpoint, tmp_path):
     ckpt = tiny_checkpoint()
     cases = [
         (["--model", tmp_path / "nope.pt"], f"error: checkpoint {tmp_path / 'nope.pt'} does not exist"),
-        (["--model", ckpt, "--top-p", "0"], "error: --temperature and --top-k must be >= 0, --top-p in (0, 1]"),
+        (
+            ["--model", ckpt, "--top-p", "0"],
+            "error: --temperature must be 0 (greedy) or from 0.001 to 100, --top-k >= 0 and --top-p in (0, 1]",
+        ),
         (["--model", ckpt, "--prompt", ""], "error: --prompt is empty"),
     ]
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")

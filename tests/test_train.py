@@ -8,33 +8,14 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
 import train
-from conftest import ROOT, make_docs, run_script
+from conftest import ROOT, free_port, run_script, tiny, train_losses
 from utils import load_checkpoint, read_log, save_checkpoint
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("shards")
-    stream = np.concatenate(make_docs(3000))
-    np.save(d / "t_val_000000.npy", stream[:5000])
-    np.save(d / "t_train_000001.npy", stream[5000:40000])
-    np.save(d / "t_train_000002.npy", stream[40000:])
-    return d
-
-
-def tiny(data_dir, out_dir, *extra):
-    return ["--preset", "tiny", "--device", "cpu", "--data-dir", data_dir, "--out-dir", out_dir, *map(str, extra)]
-
-
-def train_losses(out_dir):
-    return {r["step"]: r["train_loss"] for r in read_log(os.path.join(out_dir, "log.jsonl")) if "train_loss" in r}
 
 
 def run_train(*args, **kw):
@@ -135,14 +116,6 @@ def test_two_processes_give_the_same_losses_as_one(data_dir, tmp_path):
     assert all(abs(one[s] - two[s]) < 1e-4 for s in one)
     config = json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[0])
     assert config["world_size"] == 2 and config["grad_accum_steps"] == 2
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_nodes_on_loopback_give_the_same_losses_as_one(data_dir, tmp_path):
