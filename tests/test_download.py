@@ -133,7 +133,8 @@ def test_resume_after_a_kill_mid_shard_is_byte_identical(corpus, reference, tmp_
     for key in ("documents", "tokens"):
         manifest.pop(key)
     (out / "manifest.json").write_text(json.dumps(manifest))
-    (out / f".{rest[0]['file']}.tmp").write_bytes((out / rest[0]["file"]).read_bytes()[:1000])  # half written
+    # half written, under the name atomic_write gives it (<file>.<pid>.tmp)
+    (out / f"{rest[0]['file']}.4242.tmp").write_bytes((out / rest[0]["file"]).read_bytes()[:1000])
     (out / rest[0]["file"]).write_bytes(b"renamed, never recorded")
     for shard in rest[1:]:
         os.remove(out / shard["file"])
