@@ -38,7 +38,12 @@ def run_cli(main):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
-        main()
+        try:
+            main()
+        except RuntimeError as e:  # torch's CPU allocator reports a failed allocation as a RuntimeError
+            if "can't allocate memory" not in str(e):
+                raise
+            raise MemoryError(first_line(e)) from e
     except (UserError, MemoryError, torch.OutOfMemoryError, KeyboardInterrupt) as e:
         if os.environ.get("GPT2_TRACEBACK"):
             raise

@@ -645,3 +645,22 @@ def test_bench_flags_are_checked():
     ]:
         r = run_script("bench.py", *args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_running_out_of_memory_is_one_line(capsys):
+    from utils import run_cli
+
+    def allocate():
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 201216000000 bytes.")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(allocate)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: out of memory (DefaultCPUAllocator: can't allocate")
+
+    def other_bug():
+        raise RuntimeError("a bug, not a user error")
+
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
+        run_cli(other_bug)
