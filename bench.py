@@ -34,7 +34,6 @@ from utils import (
     load_script,
     peak_flops,
     pick_device,
-    python_docs_corpus,
     read_log,
     run_cli,
 )
@@ -124,7 +123,7 @@ def bench_hellaswag(args):
 
 def write_corpus(path, min_tokens, seed=0):
     """A jsonl corpus of at least min_tokens GPT-2 tokens: Python's own docs, paragraphs reshuffled in each copy."""
-    docs = python_docs_corpus()
+    docs = load_script("download-fineweb-edu").python_docs_corpus()
     tokens_per_copy = sum(len(t) for t in get_tokenizer().encode_ordinary_batch(docs))
     rng = random.Random(seed)
     with open(path, "w") as f:
@@ -472,7 +471,7 @@ def check_larger_presets(device, quick, data_dir):
 def write_pydocs_shards(data_dir):
     """Python's documentation (English text, no download) as a val and a train shard."""
     os.makedirs(data_dir, exist_ok=True)
-    docs = get_tokenizer().encode_ordinary_batch(python_docs_corpus())
+    docs = get_tokenizer().encode_ordinary_batch(load_script("download-fineweb-edu").python_docs_corpus())
     tokens = np.concatenate([np.array([EOT, *doc], dtype=np.uint16) for doc in docs])
     np.save(os.path.join(data_dir, "pydocs_val_000000.npy"), tokens[:50_000])
     np.save(os.path.join(data_dir, "pydocs_train_000001.npy"), tokens[50_000:])

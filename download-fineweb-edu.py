@@ -245,6 +245,34 @@ def split_documents(tokens, lengths):
         yield tokens[end - n : end]
 
 
+def python_docs_corpus():
+    """English text that ships with Python itself, no download: the reference manual's topics (pydoc_data) and every
+    long docstring of the standard library's modules, classes and functions (read with ast, nothing imported).
+    About 2,500 documents and 500k GPT-2 tokens."""
+    import ast
+    import glob
+    import pydoc_data.topics
+    import sysconfig
+
+    docs = [text.strip() for _, text in sorted(pydoc_data.topics.topics.items())]
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for path in sorted(glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True)):
+        rel = os.path.relpath(path, stdlib)
+        if rel.startswith(("site-packages", "test", "idlelib", "lib2to3")):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= 200:
+                    docs.append(doc)
+    return docs
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # writing shards
 

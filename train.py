@@ -317,15 +317,13 @@ def find_start(config):
 
 def prepare_quickstart_data(data_dir):
     """Python's documentation as a jsonl corpus, tokenized into shards by the downloader's own code."""
-    from utils import python_docs_corpus
-
+    downloader = load_script("download-fineweb-edu")
     os.makedirs(data_dir, exist_ok=True)
     corpus = os.path.join(data_dir, "python_docs.jsonl")
     if not os.path.exists(corpus):
         with atomic_write(corpus, "w") as f:
-            for text in python_docs_corpus():
+            for text in downloader.python_docs_corpus():
                 f.write(json.dumps(dict(text=text)) + "\n")
-    downloader = load_script("download-fineweb-edu")
     downloader.main(["--data-files", corpus, "--out-dir", data_dir, "--prefix", "pydocs", "--shard-size", "50000"])
 
 

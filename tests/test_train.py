@@ -216,7 +216,7 @@ def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path, mo
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     out = tmp_path / "run"
     run_train(*tiny(data_dir, out, "--max-steps", 5))
-    r = run_script("train.py", *tiny(data_dir, out, "--max-steps", 20, "--resume", "--max-lr", 1e6, "--grad-clip", 0))
+    r = run_script("train.py", *tiny(data_dir, out, "--max-steps", 20, "--resume", "--max-lr", 1000, "--grad-clip", 0))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "stopped. The last good checkpoint is" in r.stderr and "ckpt_000005.pt" in r.stderr
     assert load_checkpoint(str(out / "ckpt_000005.pt"))["step"] == 5
