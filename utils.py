@@ -124,8 +124,12 @@ def atomic_write(path, mode="wb"):
 
 
 def load_script(name):
-    """Import one of the repo's scripts (download-fineweb-edu has a hyphen, so no plain import) as a module."""
-    spec = importlib.util.spec_from_file_location(name.replace("-", "_"), os.path.join(ROOT, name + ".py"))
+    """Import one of the repo's scripts (download-fineweb-edu has a hyphen, so no plain import) as a module, once:
+    worker processes are handed its functions by name, and a second copy would not be the same functions."""
+    module_name = name.replace("-", "_")
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, os.path.join(ROOT, name + ".py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # worker processes find its functions by module name
     spec.loader.exec_module(module)

@@ -370,3 +370,12 @@ def test_a_short_write_on_a_full_disk_and_a_failed_manifest_write_say_the_disk_i
         downloader.UserError, match="is full .* while writing manifest.json in .*: it still lists the 0"
     ):
         downloader.main(args)
+
+
+def test_the_downloader_loaded_twice_in_one_process_still_tokenizes(corpus, tmp_path):
+    from utils import load_script
+
+    first = load_script("download-fineweb-edu")
+    assert load_script("download-fineweb-edu") is first  # one module: its functions pickle by name for the workers
+    first.main(["--data-files", str(corpus[0]), "--out-dir", str(tmp_path / "out"), "--shard-size", "3000"])
+    assert (tmp_path / "out" / "manifest.json").exists()
