@@ -465,7 +465,7 @@ def broadcast_from_rank0(obj, device):
         if isinstance(x, tuple) and len(x) == 4 and x[0] == "__tensor__":
             _, i, shape, dtype = x
             t = (
-                tensors[i].to(comm_device)
+                tensors[i].to(comm_device).contiguous()  # a collective needs dense memory
                 if dist.get_rank() == 0
                 else torch.empty(shape, dtype=dtype, device=comm_device)
             )
