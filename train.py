@@ -501,7 +501,8 @@ def main(argv=None):
             f"{ddp_world_size} processes x {config.seq_len} tokens: using micro-batch {micro_batch}"
         )
     requested_micro_batch, config.micro_batch = config.micro_batch, micro_batch
-    grad_accum_steps = config.total_batch // (config.micro_batch * config.seq_len * ddp_world_size)
+    tokens_per_micro_step = config.micro_batch * config.seq_len * ddp_world_size  # over all ranks
+    grad_accum_steps = config.total_batch // tokens_per_micro_step
 
     if config.preset == "quickstart":  # on every node (one process each): nodes need no shared filesystem
         all_ranks_agree(lambda: prepare_quickstart_data(config.data_dir) if ddp_local_rank == 0 else None)
@@ -534,7 +535,7 @@ def main(argv=None):
         return train_loader, val_loader
 
     train_loader, val_loader = all_ranks_agree(open_data)
-    val_batches = val_loader.epoch_tokens // (config.micro_batch * config.seq_len * ddp_world_size)
+    val_batches = val_loader.epoch_tokens // tokens_per_micro_step
     if config.val_steps > val_batches:
         if master_process:
             print(f"note: the val split holds {val_batches} batches: --val-steps {config.val_steps} -> {val_batches}")
