@@ -82,7 +82,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm (0: off)
     seed: int = 1337
-    shuffle: bool = False  # shuffle the order of the train shards in each epoch
+    shuffle: bool = False  # a new order of the train shards and of the documents in them each epoch, from --seed
     compile: bool = None  # torch.compile the model (default: on for CUDA, off elsewhere)
     # evaluation, samples, checkpoints (intervals in steps; 0 turns one off)
     eval_interval: int = 250  # validation loss

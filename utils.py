@@ -203,6 +203,19 @@ def get_tokenizer():
     )
 
 
+def tokenize_documents(texts):
+    """The download's unit of work, run in a pool of processes: the texts as one uint16 array, each document as EOT
+    followed by its tokens, and each document's length."""
+    enc = get_tokenizer()
+    # encode_to_numpy skips building a Python list per document; disallowed_special=() reads "<|endoftext|>"
+    # inside a text as plain text, exactly like encode_ordinary
+    encoded = [enc.encode_to_numpy(text, disallowed_special=()) for text in texts]
+    eot = np.array([EOT], dtype=np.uint32)
+    tokens = np.concatenate([part for doc in encoded for part in (eot, doc)])
+    lengths = np.array([len(doc) + 1 for doc in encoded], dtype=np.int64)
+    return tokens.astype(np.uint16), lengths  # GPT-2's 50,257 ids fit in uint16
+
+
 def export_model(model, out_dir):
     """A self-contained transformers directory: the model (GPT.export_hf) and GPT-2's tokenizer files."""
     model.export_hf(out_dir)
@@ -277,8 +290,10 @@ def check_token_ids(tokens, path):
 class ShardedDataLoader:
     """Batches x, y (both (B, T), int64, y = x shifted by one) from one split's shards.
 
-    The shards are read as a single endless stream of tokens: all shards in order (in a new seeded random order each
-    epoch when shuffle=True), epoch after epoch, with batches running across shard and epoch boundaries.
+    The shards are read as a single endless stream of tokens, epoch after epoch, with batches running across shard and
+    epoch boundaries: all shards in order, or with shuffle=True a new order each epoch, of the shards and of the
+    documents inside each shard, drawn from (seed, epoch). Shuffled documents are read in place from the memory-mapped
+    shards through a small index of where each document starts, so memory stays flat.
     One call of next_batch on every rank together consumes num_processes * B * T tokens, rank r taking the r-th B
     rows. So a global step of W ranks x A micro-steps sees the same W*A*B rows whatever W is (for W*A fixed), and the
     read position is one number, the same on every rank: resuming, even with another world size, is exact."""
@@ -298,7 +313,8 @@ class ShardedDataLoader:
                 f"({num_processes} x {B} x {T} + 1 = {needed:,})"
             )
         self._order_epoch, self._order, self._ends = None, None, None
-        self.checked = set()  # shards whose token ids were checked, on first read: one pass over each
+        self._doc_starts = {}  # shard -> where its documents start: checked and indexed on first read, one pass each
+        self._doc_order = {}  # (epoch, shard) -> its documents' starts, lengths and ends in the epoch's order
         self.position = 0  # tokens of the stream consumed so far, by all ranks together
 
     def reset(self):
@@ -316,6 +332,47 @@ class ShardedDataLoader:
             self._order_epoch, self._order, self._ends = epoch, order, np.cumsum(self.lengths[order])
         return self._order, self._ends
 
+    def _first_read(self, shard):
+        if shard not in self._doc_starts:
+            tokens = self.shards[shard]
+            check_token_ids(tokens, self.paths[shard])
+            # each document starts with EOT; a train shard may open with the end of the previous shard's last
+            # document, which is shuffled as a piece of its own
+            starts = np.flatnonzero(tokens == EOT) if self.shuffle else np.zeros(0, dtype=np.int64)
+            if len(starts) == 0 or starts[0] != 0:
+                starts = np.concatenate([[0], starts])
+            self._doc_starts[shard] = starts
+
+    def _documents_in_order(self, epoch, shard):
+        """The shard's documents in this epoch's order: their start in the shard, their length, and the cumulative
+        length of the shuffled shard at the end of each."""
+        key = (epoch, shard)
+        if key not in self._doc_order:
+            starts = self._doc_starts[shard]
+            lengths = np.diff(starts, append=len(self.shards[shard]))
+            perm = np.random.default_rng([self.seed, epoch, shard]).permutation(len(starts))
+            if len(self._doc_order) > 2:  # a batch touches at most a few shards: keep the index small
+                self._doc_order.clear()
+            self._doc_order[key] = (starts[perm], lengths[perm], np.cumsum(lengths[perm]))
+        return self._doc_order[key]
+
+    def _copy(self, out, shard, epoch, offset, n):
+        """n tokens of the shard as this epoch orders it, from offset on, into out."""
+        tokens = self.shards[shard]
+        if not self.shuffle:
+            out[:n] = tokens[offset : offset + n]
+            return
+        starts, lengths, ends = self._documents_in_order(epoch, shard)
+        j = int(np.searchsorted(ends, offset, side="right"))  # the document holding this offset
+        filled = 0
+        while filled < n:
+            within = offset + filled - (int(ends[j]) - int(lengths[j]))
+            take = min(n - filled, int(lengths[j]) - within)
+            src = int(starts[j]) + within
+            out[filled : filled + take] = tokens[src : src + take]
+            filled += take
+            j += 1
+
     def _read(self, start, n):
         """n tokens of the stream starting at token position start, as int64."""
         out = np.empty(n, dtype=np.int64)
@@ -324,13 +381,11 @@ class ShardedDataLoader:
             epoch, offset = divmod(start + filled, self.epoch_tokens)
             order, ends = self._layout(epoch)
             i = int(np.searchsorted(ends, offset, side="right"))  # the shard holding this offset
-            shard = self.shards[order[i]]
-            if order[i] not in self.checked:
-                check_token_ids(shard, self.paths[order[i]])
-                self.checked.add(order[i])
-            in_shard = offset - (int(ends[i]) - len(shard))
-            take = min(n - filled, len(shard) - in_shard)
-            out[filled : filled + take] = shard[in_shard : in_shard + take]
+            shard = int(order[i])
+            self._first_read(shard)
+            in_shard = offset - (int(ends[i]) - len(self.shards[shard]))
+            take = min(n - filled, len(self.shards[shard]) - in_shard)
+            self._copy(out[filled : filled + take], shard, epoch, in_shard, take)
             filled += take
         return out
 
@@ -345,15 +400,21 @@ class ShardedDataLoader:
     def state_dict(self):
         names = [os.path.basename(p) for p in self.paths]
         return dict(
-            position=self.position, shards=names, epoch_tokens=self.epoch_tokens, shuffle=self.shuffle, seed=self.seed
+            position=self.position,
+            shards=names,
+            epoch_tokens=self.epoch_tokens,
+            shuffle=self.shuffle,
+            shuffle_documents=self.shuffle,  # older checkpoints shuffled only the shard order
+            seed=self.seed,
         )
 
     def load_state_dict(self, state):
         mine = self.state_dict()
-        for key in ("shards", "epoch_tokens", "shuffle", "seed"):
-            if state[key] != mine[key]:
+        for key in ("shards", "epoch_tokens", "shuffle", "shuffle_documents", "seed"):
+            if state.get(key, False) != mine[key]:
                 raise UserError(
-                    f"the data loader state does not match this data: {key} was {state[key]!r}, is now {mine[key]!r}"
+                    f"the data loader state does not match this data: {key} was {state.get(key, False)!r}, "
+                    f"is now {mine[key]!r}"
                 )
         self.position = int(state["position"])
 

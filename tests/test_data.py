@@ -5,8 +5,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from conftest import write_shard
-from utils import ShardedDataLoader, UserError
+from conftest import make_docs, write_shard
+from utils import EOT, ShardedDataLoader, UserError
 
 
 def loaders(data_dir, world_size, **kw):
@@ -27,6 +27,12 @@ def global_steps(data_dir, world_size, grad_accum_steps, n_steps, B=2, T=8, **kw
                 rows += [tuple(r) for r in x.tolist()]
         steps.append(sorted(rows))
     return steps
+
+
+def split_at_eot(stream):
+    starts = np.flatnonzero(stream == EOT)
+    assert starts[0] == 0
+    return [stream[s:e] for s, e in zip(starts, [*starts[1:], len(stream)])]
 
 
 def test_batches_read_every_token_in_order_across_shards(shard_dir):
@@ -65,26 +71,66 @@ def test_ranks_read_disjoint_rows(shard_dir):
     assert len(set(rows)) == 8
 
 
-def test_shuffle_changes_shard_order_per_epoch_with_a_seed(shard_dir):
-    sizes = [16] * 8
-    stream = shard_dir("train", sizes)
-    shards = stream.reshape(8, 16)
+def shuffled_epochs(data_dir, epoch_tokens, n_epochs, seed, T=7):
+    """The stream a shuffling loader reads, cut into epochs."""
+    loader = ShardedDataLoader(data_dir, "train", B=1, T=T, shuffle=True, seed=seed)
+    stream = np.concatenate([loader.next_batch()[0].numpy()[0] for _ in range(-(-n_epochs * epoch_tokens // T))])
+    return [stream[e * epoch_tokens : (e + 1) * epoch_tokens] for e in range(n_epochs)]
 
-    def epoch_orders(seed, n_epochs=3):
-        loader = ShardedDataLoader(shard_dir.dir, "train", B=1, T=16, shuffle=True, seed=seed)
-        orders = []
-        for _ in range(n_epochs):
-            order = []
-            for _ in range(8):  # one shard per batch: T equals the shard size
-                x, _ = loader.next_batch()
-                order.append(next(i for i in range(8) if np.array_equal(shards[i], x.numpy()[0])))
-            orders.append(order)
-        return orders
 
-    orders = epoch_orders(seed=1)
-    assert all(sorted(o) == list(range(8)) for o in orders)  # each epoch reads every shard once
-    assert orders[0] != orders[1] and orders[0] != list(range(8))
-    assert epoch_orders(seed=1) == orders and epoch_orders(seed=2) != orders
+def test_shuffle_visits_every_document_once_per_epoch_in_a_new_order(tmp_path):
+    docs = make_docs(60, seed=4)
+    shards = [docs[i : i + 12] for i in range(0, 60, 12)]  # 5 shards of 12 whole documents
+    for i, shard in enumerate(shards):
+        write_shard(tmp_path / f"test_train_{i + 1:06d}.npy", np.concatenate(shard))
+    epoch_tokens = sum(len(d) for d in docs)
+    key = {tuple(d.tolist()): (i // 12, i) for i, d in enumerate(docs)}  # document -> (its shard, its index)
+    orders = []
+    for stream in shuffled_epochs(tmp_path, epoch_tokens, 3, seed=1):
+        read = split_at_eot(stream)
+        assert sorted(key[tuple(d.tolist())][1] for d in read) == list(range(60))  # each document exactly once
+        order = [key[tuple(d.tolist())] for d in read]
+        shard_runs = [shard for n, (shard, _) in enumerate(order) if n == 0 or order[n - 1][0] != shard]
+        assert sorted(shard_runs) == list(range(5))  # a shard's documents are read together, shards in some order
+        orders.append([i for _, i in order])
+    assert orders[0] != list(range(60)) and orders[0] != orders[1] != orders[2]
+    assert any(orders[e][:12] != sorted(orders[e][:12]) for e in range(3))  # the order inside a shard changes too
+    assert [
+        [key[tuple(d.tolist())][1] for d in split_at_eot(s)] for s in shuffled_epochs(tmp_path, epoch_tokens, 3, 1)
+    ] == orders
+    assert [
+        [key[tuple(d.tolist())][1] for d in split_at_eot(s)] for s in shuffled_epochs(tmp_path, epoch_tokens, 3, 2)
+    ] != orders
+
+
+def test_shuffle_keeps_a_document_cut_by_a_shard_boundary_in_one_piece(shard_dir):
+    sizes = [100, 73, 120, 90, 64]
+    stream = shard_dir("train", sizes)  # documents run across the shard boundaries
+    pieces = []  # each shard cut before every EOT: the head of a cut document is a piece of its own
+    for shard in np.split(stream, np.cumsum(sizes)[:-1]):
+        cuts = [0, *np.flatnonzero(shard == EOT).tolist(), len(shard)]
+        pieces += [shard[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
+    for epoch in shuffled_epochs(shard_dir.dir, len(stream), 2, seed=5):
+        assert not np.array_equal(epoch, stream)
+        unread, p = list(range(len(pieces))), 0
+        while p < len(epoch):  # the epoch is the pieces, each read once, whole
+            k = next(k for k in unread if np.array_equal(epoch[p : p + len(pieces[k])], pieces[k]))
+            unread.remove(k)
+            p += len(pieces[k])
+        assert unread == []
+
+
+def test_a_checkpoint_from_before_document_shuffling_is_refused(shard_dir):
+    shard_dir("train", [50, 61, 70])
+    loader = ShardedDataLoader(shard_dir.dir, "train", B=2, T=8, shuffle=True, seed=7)
+    state = loader.state_dict()
+    del state["shuffle_documents"]
+    with pytest.raises(UserError, match="shuffle_documents was False, is now True"):
+        loader.load_state_dict(state)
+    unshuffled = ShardedDataLoader(shard_dir.dir, "train", B=2, T=8)
+    state = unshuffled.state_dict()
+    del state["shuffle_documents"]
+    unshuffled.load_state_dict(state)  # nothing changed for unshuffled runs
 
 
 def test_state_round_trip_resumes_at_the_next_batch(shard_dir):
