@@ -4,25 +4,36 @@ https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu
 
     python download-fineweb-edu.py                          # the reference run's 5B train tokens (+ 100M val)
     python download-fineweb-edu.py --data-files corpus.jsonl --out-dir data --shard-size 1e6   # any local corpus
+    python download-fineweb-edu.py --data-files 'hf://datasets/HuggingFaceFW/fineweb-edu/sample/10BT/00*.parquet'
     python download-fineweb-edu.py --verify                 # check every shard against the manifest
 
-The documents are streamed, so only what is needed is fetched. Each document becomes <|endoftext|> followed by its
-tokens; the token stream is cut into uint16 shards of --shard-size tokens: first the val shard <prefix>_val_000000.npy
-(whole documents only), then train shards <prefix>_train_000001.npy, ... until --max-tokens train tokens.
-Shards are written atomically and recorded in manifest.json; a killed run started again with the same arguments
-continues after the last finished shard and ends with byte-identical files.
+The dataset is read as its files in a fixed order (listed once through huggingface_hub, pinned to the dataset's
+commit); parquet files are read with HTTP range requests, so only the text column of the row groups needed is fetched.
+Each document becomes <|endoftext|> followed by its tokens; the token stream is cut into uint16 shards of --shard-size
+tokens: first the val shard <prefix>_val_000000.npy (whole documents only), then train shards
+<prefix>_train_000001.npy, ... until --max-tokens train tokens. Shards are written atomically and recorded in
+manifest.json with the (file, row) where the next one starts: a killed run started again with the same arguments opens
+that file at that row, fetches nothing before it, and ends with byte-identical files. Network errors that pass
+(connection resets, timeouts, HTTP 429 and 5xx) are retried with exponential backoff; the others (404, 401/403) stop.
 """
 
 import collections
 import errno
+import fnmatch
 import glob
 import gzip
+import io
 import json
 import multiprocessing as mp
 import os
+import queue
 import re
 import shutil
+import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -31,33 +42,37 @@ import numpy as np
 from tqdm import tqdm
 
 from utils import (
-    EOT,
+    HTTPFile,
+    Retry,
     UserError,
     atomic_write,
     check_token_ids,
     config_parser,
     first_line,
-    get_tokenizer,
     run_cli,
     sha256_file,
+    tokenize_documents,
 )
 
 MANIFEST = "manifest.json"
-EOT_ARRAY = np.array([EOT], dtype=np.uint32)
+FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
 
 @dataclass
 class Config:
     out_dir: str = "edu_fineweb10B"  # where the shards and manifest.json go
     prefix: str = "edufineweb"  # shard names: <prefix>_<split>_<NNNNNN>.npy
-    dataset: str = "HuggingFaceFW/fineweb-edu"  # Hugging Face dataset, read in streaming mode
+    dataset: str = "HuggingFaceFW/fineweb-edu"  # Hugging Face dataset
     name: str = "sample-10BT"  # the dataset's config
     split: str = "train"  # the dataset's split
-    data_files: list = field(default_factory=list)  # local jsonl/json/parquet/txt files or globs, instead of the hub
+    revision: str = "main"  # the dataset's branch, tag or commit; the manifest pins the commit it resolved to
+    data_files: list = field(default_factory=list)  # jsonl/parquet/txt files instead: paths, globs, URLs, hf:// paths
     text_field: str = "text"  # the field that holds each document's text
     max_tokens: int = 5_000_000_000  # train tokens to write, after the val shard
     shard_size: int = 100_000_000  # tokens per shard
     workers: int = os.cpu_count() or 1  # tokenizer processes
+    retries: int = 8  # attempts of a network request that fails with a transient error
+    retry_wait: float = 1.0  # seconds before the first retry; doubled after each (with jitter), at most 60
     verify: bool = False  # only check every shard against the manifest
 
 
@@ -68,74 +83,78 @@ def parse_args(argv=None):
         parser.error("--shard-size and --max-tokens must be positive")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if args.retries < 1 or args.retry_wait < 0:
+        parser.error("--retries must be at least 1 and --retry-wait not negative")
     if not args.prefix or "/" in args.prefix or args.prefix.startswith("."):
         parser.error(f"--prefix must be a plain file-name part, got {args.prefix!r}")
     if not args.out_dir:
         parser.error("--out-dir must not be empty")
-    if args.workers > (os.cpu_count() or 1):  # more processes than cores only costs memory and forks
+    if args.workers > (os.cpu_count() or 1):  # more processes than cores only costs memory
         args.workers = os.cpu_count() or 1
     return args
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# reading documents
+# which files, in which order: local paths, http(s) URLs, and hf:// paths listed through huggingface_hub
+
+HF_PATH = re.compile(r"^hf://datasets/(?P<repo>[^/@]+/[^/@]+)(@(?P<revision>[^/]+))?/(?P<path>.+)$")
 
 
-def resolve_data_files(patterns):
-    files = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches or not all(os.path.isfile(m) for m in matches):
-            bad = next((m for m in matches if not os.path.isfile(m)), pattern)
-            what = (
-                "a directory: give the files in it (a glob like dir/*.jsonl)" if os.path.isdir(bad) else "no such file"
-            )
-            raise UserError(f"cannot read --data-files {bad}: {what}")
-        files += [os.path.abspath(m) for m in matches]
-    return files
+def is_remote(source):
+    return source.startswith(("http://", "https://", "hf://"))
 
 
-def file_format(files):
-    formats = set()
-    for f in files:
-        name = f[:-3] if f.endswith(".gz") else f
-        ext = os.path.splitext(name)[1]
-        formats.add({".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}.get(ext, ext))
-    if len(formats) != 1 or not formats <= {"json", "parquet", "text"}:
-        raise UserError(f"--data-files must all be .jsonl/.json, .parquet or .txt (one kind), got {sorted(formats)}")
-    return formats.pop()
+def hub_glob(api, repo, revision, pattern, retry):
+    """The dataset's files that match pattern, as hf:// paths pinned to a commit, in name order."""
+    from huggingface_hub.hf_api import RepoFile
+
+    folder = re.split(r"[*?[]", pattern)[0].rpartition("/")[0] if glob.has_magic(pattern) else pattern
+    what = f"the file list of hf://datasets/{repo}@{revision}/{folder}"
+    tree = retry(lambda: list(api.list_repo_tree(repo, folder or None, recursive=True, revision=revision,
+                                                repo_type="dataset")), what)  # fmt: skip
+    paths = sorted(e.path for e in tree if isinstance(e, RepoFile) and fnmatch.fnmatchcase(e.path, pattern))
+    return [f"hf://datasets/{repo}@{revision}/{p}" for p in paths]
 
 
-def open_dataset(args, files):
-    """A streaming datasets.IterableDataset: the same code path for the hub and for local files."""
-    import datasets
+def hub_files(repo, revision, retry, config=None, split=None, pattern=None):
+    """Files of a hub dataset at the commit that revision names now: those of a config's split (as its card lists
+    them), or those matching a pattern."""
+    from huggingface_hub import HfApi
 
-    if files:
-        fmt = file_format(files)
-        extra = dict(sample_by="document") if fmt == "text" else dict()  # a .txt file is one document
-        try:
-            return datasets.load_dataset(fmt, data_files=files, split="train", streaming=True, **extra)
-        except Exception as e:  # it reads the first rows to learn the columns
-            raise UserError(
-                f"cannot read {', '.join(files)}: {explain_read_error(files[0], args.text_field, e)}"
-            ) from e
+    label = f"{repo} ({config})" if pattern is None else f"hf://datasets/{repo}"
     try:
         check_hub_reachable()
-        return datasets.load_dataset(args.dataset, name=args.name, split=args.split, streaming=True)
-    except Exception as e:  # offline: ConnectionError; the hub client raises several other kinds too
+    except ConnectionError as e:
         raise UserError(
-            f"cannot open {args.dataset} ({args.name}) on the Hugging Face hub: {first_line(e)}; "
+            f"cannot open {label} on the Hugging Face hub: {first_line(e)}; "
             "with no network, tokenize local files with --data-files"
         ) from e
+    api = HfApi()  # the endpoint from HF_ENDPOINT, the token from HF_TOKEN or `hf auth login`
+    info = retry(lambda: api.dataset_info(repo, revision=revision), f"hf://datasets/{repo}@{revision}")
+    if pattern is None:
+        configs = {c.get("config_name"): c for c in (info.card_data.get("configs") or [])} if info.card_data else {}
+        if config not in configs:
+            raise UserError(f"{repo} has no config {config!r} (configs: {', '.join(map(str, configs)) or 'none'})")
+        data_files = configs[config].get("data_files") or []
+        if isinstance(data_files, str):
+            data_files = [dict(split="train", path=data_files)]
+        patterns = [
+            p
+            for d in data_files
+            if d.get("split") == split
+            for p in ([d["path"]] if isinstance(d["path"], str) else d["path"])
+        ]
+        if not patterns:
+            raise UserError(f"{repo} ({config}) has no split {split!r}")
+    else:
+        patterns = [pattern]
+    return [f for p in patterns for f in hub_glob(api, repo, info.sha, p, retry)]
 
 
 def check_hub_reachable():
-    """One quick request first: offline, the hub client would retry for half a minute before it gives up. Skipped
-    in the hub's offline mode, where the local cache serves."""
-    import urllib.request
-
-    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"):
-        return
+    """One quick request first: offline, the hub client would retry for half a minute before it gives up."""
+    if os.environ.get("HF_HUB_OFFLINE"):
+        raise ConnectionError("HF_HUB_OFFLINE is set, and the shards are written from the hub's files, not its cache")
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     try:
         urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=15).close()
@@ -145,93 +164,212 @@ def check_hub_reachable():
         raise ConnectionError(f"cannot reach {endpoint} ({getattr(e, 'reason', e)})") from e
 
 
-def first_bad_line(path, text_field):
-    """Where a jsonl file goes wrong, as 'line N ...' (datasets counts rows per chunk, not lines), or None."""
-    if file_format([path]) != "json":
-        return None
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                return f"line {n} is not UTF-8 (byte {e.start + 1} of the line)"
-            except json.JSONDecodeError as e:
-                return f"line {n} is not JSON ({e.msg})"
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                return f"line {n}: field {text_field!r} is {describe_text(text)}"
-    return None
+def local_files(pattern):
+    matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    if not matches or not all(os.path.isfile(m) for m in matches):
+        bad = next((m for m in matches if not os.path.isfile(m)), pattern)
+        what = "a directory: give the files in it (a glob like dir/*.jsonl)" if os.path.isdir(bad) else "no such file"
+        raise UserError(f"cannot read --data-files {bad}: {what}")
+    return [os.path.abspath(m) for m in matches]
+
+
+def list_files(data_files, retry):
+    """--data-files as files: local globs are already expanded; hf:// ones are listed on the hub, pinned to the commit
+    the path names (main by default); an http(s) URL is one file (a web server cannot be listed)."""
+    files = []
+    for pattern in data_files:
+        if not pattern.startswith("hf://"):
+            files.append(pattern)
+            continue
+        m = HF_PATH.match(pattern)
+        if not m:
+            raise UserError(
+                f"--data-files {pattern}: write hf:// paths as hf://datasets/<owner>/<name>[@<revision>]/<path>"
+            )
+        matches = hub_files(m["repo"], m["revision"] or "main", retry, pattern=m["path"])
+        if not matches:
+            raise UserError(f"cannot read --data-files {pattern}: no such file on the hub")
+        files += matches
+    return files
+
+
+def file_format(files):
+    formats = set()
+    for f in files:
+        name = urllib.parse.urlparse(f).path if is_remote(f) else f
+        name = name[:-3] if name.endswith(".gz") else name
+        ext = os.path.splitext(name)[1]
+        formats.add(FORMATS.get(ext, ext))
+    if len(formats) != 1 or not formats <= {"json", "parquet", "text"}:
+        raise UserError(f"--data-files must all be .jsonl/.json, .parquet or .txt (one kind), got {sorted(formats)}")
+    return formats.pop()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading documents: (file, row) positions, so that a resume starts where the last shard ended
+
+
+def open_source(source, retry):
+    """A binary file object for a local path, an http(s) URL or an hf:// path."""
+    if not is_remote(source):
+        return open(source, "rb")
+    headers = {}
+    if source.startswith("hf://"):
+        from huggingface_hub import constants
+        from huggingface_hub.utils import build_hf_headers
+
+        m = HF_PATH.match(source)
+        path = urllib.parse.quote(m["path"])
+        headers = {k: v for k, v in build_hf_headers().items() if k.lower() == "authorization"}
+        source = f"{constants.ENDPOINT}/datasets/{m['repo']}/resolve/{m['revision']}/{path}"
+    return HTTPFile(source, retry, headers)
+
+
+def parquet_batches(f, name, text_field, start_row, batch_size):
+    """From start_row on, entering at the row group that holds it: the row groups before it are not read."""
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(f)
+    except UserError:
+        raise
+    except Exception as e:  # pyarrow reports a bad file with several exception types
+        raise UserError(f"cannot read {name}: not a parquet file ({first_line(e)})") from e
+    if text_field not in parquet.schema_arrow.names:
+        fields = ", ".join(parquet.schema_arrow.names)
+        raise UserError(f"{name} has no field {text_field!r} (fields: {fields}); set --text-field")
+    first_row = 0  # of the row group
+    for group in range(parquet.num_row_groups):
+        rows = parquet.metadata.row_group(group).num_rows
+        if first_row + rows > start_row:
+            texts = parquet.read_row_group(group, columns=[text_field]).column(0).to_pylist()
+            for i in range(max(start_row - first_row, 0), rows, batch_size):
+                yield first_row + i, texts[i : i + batch_size]
+        first_row += rows
+
+
+def json_batches(f, name, text_field, start_row, batch_size):
+    """JSON Lines: one document per non-blank line; a bad line is named by its number."""
+    texts, row = [], 0
+    for n, raw in enumerate(f, 1):
+        if not raw.strip():
+            continue
+        row += 1
+        if row <= start_row:
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"cannot read {name}: line {n} is not UTF-8 (byte {e.start + 1} of the line)") from e
+        except json.JSONDecodeError as e:
+            raise UserError(f"cannot read {name}: line {n} is not JSON ({e.msg})") from e
+        if not isinstance(record, dict):
+            raise UserError(f"cannot read {name}: line {n} is not a JSON object")
+        if text_field not in record and row == 1:
+            raise UserError(f"{name} has no field {text_field!r} (fields: {', '.join(record)}); set --text-field")
+        text = record.get(text_field)
+        if not isinstance(text, str):
+            raise UserError(f"{name}: line {n}: field {text_field!r} is {describe_text(text)}")
+        texts.append(text)
+        if len(texts) == batch_size:
+            yield row - len(texts), texts
+            texts = []
+    if texts:
+        yield row - len(texts), texts
 
 
 def describe_text(text):
     return "missing" if text is None else f"{type(text).__name__}, not a string"
 
 
-def explain_read_error(path, text_field, e):
-    return first_bad_line(path, text_field) or first_line(e)
+def document_batches(files, text_field, start, retry, batch_size=1024):
+    """(file index, row, texts): the documents of all files in order, from position start = (file index, row) on.
+    Only files from start's on are opened."""
+    fmt = file_format(files)
+    for index in range(start[0], len(files)):
+        source = files[index]
+        start_row = start[1] if index == start[0] else 0
+        if not is_remote(source) and os.path.getsize(source) == 0:
+            continue
+        with open_source(source, retry) as f:
+            if fmt == "parquet":
+                batches = parquet_batches(f, source, text_field, start_row, batch_size)
+            else:
+                stream = io.BufferedReader(f, 8 << 20) if is_remote(source) else f  # a range request per 8 MB
+                stream = gzip.open(stream) if urllib.parse.urlparse(source).path.endswith(".gz") else stream
+                if fmt == "json":
+                    batches = json_batches(stream, source, text_field, start_row, batch_size)
+                else:  # a .txt file is one document
+                    batches = iter([(0, [read_text(stream, source)])] if start_row == 0 else [])
+            for row, texts in batches:
+                for i, text in enumerate(texts):
+                    if not isinstance(text, str):  # never written as an empty document: the shards would not say so
+                        raise UserError(f"{source}: row {row + i + 1}: field {text_field!r} is {describe_text(text)}")
+                yield index, row, texts
 
 
-def document_batches(args, files, skip, batch_size=1024):
-    """Lists of document texts, in order, leaving out the first `skip` documents. Local files are read one at a
-    time, so that a bad document is reported by file and row."""
-    sources = (
-        [([f], f) for f in files if os.path.getsize(f) > 0] if files else [(None, f"{args.dataset} ({args.name})")]
-    )
-    seen = 0
-    for source_files, name in sources:
-        batches = iter(open_dataset(args, source_files).iter(batch_size=batch_size))
-        row = 0  # rows of this source read so far
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            except Exception as e:  # datasets wraps bad JSON, bad parquet and I/O errors in many exception types
-                where = explain_read_error(name, args.text_field, e) if files else first_line(e)
-                raise UserError(f"cannot read {name}: {where}") from e
-            if args.text_field not in batch:
-                fields = ", ".join(batch)
-                raise UserError(f"{name} has no field {args.text_field!r} (fields: {fields}); set --text-field")
-            texts = batch[args.text_field]
-            for i, text in enumerate(texts):
-                if not isinstance(text, str):  # never written as an empty document: the shards would not say so
-                    where = first_bad_line(name, args.text_field) if files else None
-                    where = where or f"row {row + i + 1}: field {args.text_field!r} is {describe_text(text)}"
-                    raise UserError(f"{name}: {where}")
-            row += len(texts)
-            start = min(max(skip - seen, 0), len(texts))
-            seen += len(texts)
-            if start < len(texts):
-                yield texts[start:]
+def read_text(stream, name):
+    data = stream.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"cannot read {name}: byte {e.start + 1} is not UTF-8") from e
 
 
-def tokenize_batch(texts):
-    """Worker: the texts as one uint16 array, each document as EOT + its tokens, plus each document's length."""
-    enc = get_tokenizer()
-    # encode_to_numpy skips building a Python list per document; disallowed_special=() reads "<|endoftext|>"
-    # inside a text as plain text, exactly like encode_ordinary
-    encoded = [enc.encode_to_numpy(text, disallowed_special=()) for text in texts]
-    tokens = np.concatenate([part for doc in encoded for part in (EOT_ARRAY, doc)])
-    lengths = np.array([len(doc) + 1 for doc in encoded], dtype=np.int64)
-    return tokens.astype(np.uint16), lengths  # GPT-2's 50,257 ids fit in uint16
+def read_ahead(items, depth):
+    """The items, produced by a background thread up to depth ahead: the next row group is fetched while the ones
+    before it are tokenized. An error in the thread is raised here."""
+    ready, stop, end = queue.Queue(depth), threading.Event(), object()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        ready.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            ready.put(end)
+        except BaseException as e:
+            ready.put(e)
+
+    thread = threading.Thread(target=produce, daemon=True, name="read-ahead")
+    thread.start()
+    try:
+        while (item := ready.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def tokenizer_pool(workers):
+    """Processes that tokenize. They are started by a fork server, never forked from this process: a fork copies the
+    locks of running threads (the read-ahead thread, pyarrow's, an HTTP client's) in whatever state they are in,
+    and a child that needs one waits forever."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["utils"])  # imported once in the server, shared by every worker it forks
+    # unlike multiprocessing.Pool, the executor notices a worker that dies (killed, out of memory): no hang
+    return ProcessPoolExecutor(workers, mp_context=context)
 
 
 def tokenized_documents(batches, workers):
-    """Token arrays of the documents, in input order, tokenized in parallel. At most 2 batches per worker are in
-    flight, so memory stays bounded however fast the input arrives; the order makes the output deterministic."""
-    get_tokenizer()  # built once here; the forked workers inherit it
-    # unlike multiprocessing.Pool, the executor notices a worker that dies (killed, out of memory): no hang
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+    """((file index, row), tokens) of every document, in input order, tokenized in parallel. At most 2 batches per
+    worker are in flight, so memory stays bounded however fast the input arrives; the order makes the output
+    deterministic."""
+    with tokenizer_pool(workers) as pool:
         pending = collections.deque()
         try:
-            for texts in batches:
-                pending.append(pool.submit(tokenize_batch, texts))
-                while len(pending) >= 2 * workers or (pending and pending[0].done()):
-                    yield from split_documents(*pending.popleft().result())
+            for index, row, texts in batches:
+                pending.append((index, row, pool.submit(tokenize_documents, texts)))
+                while len(pending) >= 2 * workers or (pending and pending[0][2].done()):
+                    yield from split_documents(*pending.popleft())
             while pending:
-                yield from split_documents(*pending.popleft().result())
+                yield from split_documents(*pending.popleft())
         except BrokenProcessPool as e:
             raise UserError(
                 "a tokenizer process died (killed, or out of memory?): the finished shards are kept; run again to "
@@ -239,10 +377,11 @@ def tokenized_documents(batches, workers):
             ) from e
 
 
-def split_documents(tokens, lengths):
+def split_documents(index, row, future):
+    tokens, lengths = future.result()
     ends = np.cumsum(lengths)
-    for end, n in zip(ends.tolist(), lengths.tolist()):
-        yield tokens[end - n : end]
+    for i, (end, n) in enumerate(zip(ends.tolist(), lengths.tolist())):
+        yield (index, row + i), tokens[end - n : end]
 
 
 def python_docs_corpus():
@@ -277,14 +416,15 @@ def python_docs_corpus():
 # writing shards
 
 
-def source_settings(args, files):
+def source_settings(args):
+    """What the shards are made of: an out dir is only continued with the same."""
     source = dict(
         text_field=args.text_field, shard_size=args.shard_size, max_tokens=args.max_tokens, prefix=args.prefix
     )
-    if files:
-        source["data_files"] = files
+    if args.data_files:  # local files as found, remote ones as given: a rerun does not list the hub again
+        source["data_files"] = [f for p in args.data_files for f in ([p] if is_remote(p) else local_files(p))]
     else:
-        source.update(dataset=args.dataset, name=args.name, split=args.split)
+        source.update(dataset=args.dataset, name=args.name, split=args.split, revision=args.revision)
     return source
 
 
@@ -331,6 +471,11 @@ def read_manifest(out_dir):
             types = dict(file=str, split=str, tokens=int, next=list, sha256=str)
             if not all(isinstance(shard[key], t) for key, t in types.items()) or len(shard["next"]) != 2:
                 raise TypeError(f"shard entry {shard!r:.80} is incomplete")
+            position = shard.get("next_position", [0, 0])  # older manifests have none
+            if not (isinstance(position, list) and len(position) == 2 and all(isinstance(i, int) for i in position)):
+                raise TypeError(f"shard entry {shard['file']} has a bad next_position")
+        if not isinstance(manifest.get("files", []), list):
+            raise TypeError("files is not a list")
         return manifest
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise UserError(
@@ -341,11 +486,11 @@ def read_manifest(out_dir):
 
 def input_fingerprint(files):
     """Size and modification time of each local input: a corpus edited between a kill and the rerun is noticed."""
-    return [dict(file=f, size=os.path.getsize(f), mtime_ns=os.stat(f).st_mtime_ns) for f in files]
+    return [dict(file=f, size=os.path.getsize(f), mtime_ns=os.stat(f).st_mtime_ns) for f in files if not is_remote(f)]
 
 
-def load_manifest(out_dir, source, files):
-    """The manifest of an earlier run with the same settings, or a fresh one; refuses an out dir made otherwise."""
+def load_manifest(out_dir, source):
+    """The manifest of an earlier run with the same settings, or None; refuses an out dir made otherwise."""
     path = os.path.join(out_dir, MANIFEST)
     if os.path.exists(path):
         manifest = read_manifest(out_dir)
@@ -362,7 +507,8 @@ def load_manifest(out_dir, source, files):
                     f"{path}, a finished shard, is missing or cut short: continuing would leave a gap; "
                     "restore it, or start over in another --out-dir"
                 )
-        for was, now in zip(manifest.get("inputs", []), input_fingerprint(files)):
+        local = [f for f in source.get("data_files", []) if not is_remote(f)]
+        for was, now in zip(manifest.get("inputs", []), input_fingerprint(local)):
             if was != now and not manifest["complete"]:
                 raise UserError(
                     f"{now['file']} changed since {out_dir} was started (size {was['size']:,} -> "
@@ -372,12 +518,13 @@ def load_manifest(out_dir, source, files):
         return manifest
     if os.path.isdir(out_dir) and any(n.endswith(".npy") for n in os.listdir(out_dir)):
         raise UserError(f"{out_dir} holds .npy files but no {MANIFEST}: use an empty --out-dir")
-    return dict(source=source, inputs=input_fingerprint(files), shards=[], complete=False)
+    return None
 
 
 class ShardWriter:
     """Fills shards from the document stream. Every finished shard is written to a temporary file, renamed into
-    place, then recorded in the manifest together with where the next shard starts (document, token offset)."""
+    place, then recorded in the manifest together with where the next shard starts: as (document, token offset), and
+    as (file, row) in the input files."""
 
     def __init__(self, out_dir, manifest):
         self.out_dir, self.manifest = out_dir, manifest
@@ -390,7 +537,7 @@ class ShardWriter:
     def split(self):
         return "val" if len(self.manifest["shards"]) == 0 else "train"
 
-    def flush(self, next_document, next_offset, last_document):
+    def flush(self, next_document, next_offset, last_document, next_position):
         index = len(self.manifest["shards"])
         name = f"{self.manifest['source']['prefix']}_{self.split}_{index:06d}.npy"
         path = os.path.join(self.out_dir, name)
@@ -411,6 +558,7 @@ class ShardWriter:
                 first_document=self.first_document,
                 last_document=last_document,
                 next=[next_document, next_offset],
+                next_position=list(next_position),
                 sha256=sha256_file(path),
             )
         )
@@ -425,19 +573,24 @@ class ShardWriter:
         self.first_document = None
 
 
-def tokenize_to_shards(args, files, manifest, progress):
+def tokenize_to_shards(args, files, manifest, progress, retry):
     """Write shards until max_tokens train tokens or the end of the corpus; returns the documents read."""
     writer = ShardWriter(args.out_dir, manifest)
-    doc_index, offset = manifest["shards"][-1]["next"] if manifest["shards"] else (0, 0)
+    last = manifest["shards"][-1] if manifest["shards"] else dict(next=[0, 0], next_position=[0, 0])
+    doc_index, offset = last["next"]
+    # the file and row to start at; a manifest written before positions were recorded has the documents skipped
+    start, skip = (tuple(last["next_position"]), 0) if "next_position" in last else ((0, 0), doc_index)
     train_written = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "train")
-    source = ", ".join(files) if files else f"{args.dataset} ({args.name})"
-    batches = document_batches(args, files, skip=doc_index)
-    for doc in tokenized_documents(batches, args.workers):
+    batches = read_ahead(document_batches(files, args.text_field, start, retry), depth=4 * args.workers + 4)
+    for (file, row), doc in tokenized_documents(batches, args.workers):
+        if skip:
+            skip -= 1
+            continue
         pos = offset  # a resumed run skips what the previous shard already holds of this document
         offset = 0
         while pos < len(doc):
             if writer.split == "val" and writer.fill > 0 and writer.fill + len(doc) > writer.shard_size:
-                writer.flush(doc_index, 0, doc_index - 1)  # the val shard holds whole documents only
+                writer.flush(doc_index, 0, doc_index - 1, (file, row))  # the val shard holds whole documents only
                 continue
             if writer.first_document is None:
                 writer.first_document = doc_index
@@ -450,20 +603,32 @@ def tokenize_to_shards(args, files, manifest, progress):
             pos += take
             progress.update(take)
             if train_written == args.max_tokens:
-                writer.flush(doc_index, pos, doc_index)
+                writer.flush(doc_index, pos, doc_index, (file, row))
                 return doc_index + 1
             if writer.fill == writer.shard_size:
                 done = pos == len(doc)
-                writer.flush(doc_index + done, 0 if done else pos, doc_index)
+                writer.flush(doc_index + done, 0 if done else pos, doc_index, (file, row + done))
         doc_index += 1
         if doc_index % 1000 == 0:
             docs_per_sec = doc_index / max(progress.format_dict["elapsed"], 1e-9)
             progress.set_postfix(docs=f"{doc_index:,}", docs_per_s=f"{docs_per_sec:,.0f}", refresh=False)
     if writer.fill > 0:
-        writer.flush(doc_index, 0, doc_index - 1)
+        writer.flush(doc_index, 0, doc_index - 1, (len(files), 0))
     if not manifest["shards"]:
+        source = ", ".join(files) if len(files) < 4 else f"{files[0]} and {len(files) - 1} more files"
         raise UserError(f"empty corpus: {source} holds no documents")
     return doc_index
+
+
+def input_files(args, source, retry):
+    if args.data_files:
+        files = list_files(source["data_files"], retry)
+    else:
+        files = hub_files(args.dataset, args.revision, retry, config=args.name, split=args.split)
+    if not files:
+        raise UserError(f"{args.dataset} ({args.name}, {args.split}) lists no files")
+    file_format(files)
+    return files
 
 
 def verify(out_dir):
@@ -503,9 +668,12 @@ def main(argv=None):
         print(f"ok: {len(manifest['shards'])} shards, {tokens:,} tokens match {MANIFEST} ({state})")
         return
     check_out_dir(args.out_dir)
-    files = resolve_data_files(args.data_files) if args.data_files else []
-    source = source_settings(args, files)
-    manifest = load_manifest(args.out_dir, source, files)
+    retry = Retry(args.retries, args.retry_wait)
+    source = source_settings(args)
+    manifest = load_manifest(args.out_dir, source)
+    if manifest is None:  # a new run: the list of files is fixed once, here, and kept in the manifest
+        files = input_files(args, source, retry)
+        manifest = dict(source=source, files=files, inputs=input_fingerprint(files), shards=[], complete=False)
     if manifest["complete"]:
         print(f"{args.out_dir} is complete ({len(manifest['shards'])} shards); --verify checks it")
         return
@@ -517,7 +685,8 @@ def main(argv=None):
     t0 = time.time()
     done = sum(s["tokens"] for s in manifest["shards"])
     with tqdm(initial=done, unit="tok", unit_scale=True, smoothing=0.1, desc="tokenizing") as progress:
-        documents = tokenize_to_shards(args, files, manifest, progress)
+        files = manifest.get("files") or input_files(args, source, retry)  # older manifests have no list
+        documents = tokenize_to_shards(args, files, manifest, progress, retry)
     manifest["complete"] = True
     manifest["documents"] = documents
     manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])

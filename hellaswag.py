@@ -18,7 +18,6 @@ import os
 import random
 import re
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 
 import torch
@@ -26,6 +25,8 @@ import torch.nn.functional as F
 
 from model import GPT2_VOCAB_SIZE
 from utils import (
+    HTTPFile,
+    Retry,
     UserError,
     atomic_write,
     autocast,
@@ -61,18 +62,16 @@ class Config:
 # data
 
 
-def download(cache_dir):
+def download(cache_dir, url=URL, retry=None):
     """The official validation set, fetched once."""
     path = os.path.join(cache_dir, "hellaswag_val.jsonl")
     if os.path.exists(path):
         return path
     try:
-        with urllib.request.urlopen(URL, timeout=30) as response:
-            data = response.read()
-    except OSError as e:
-        raise UserError(
-            f"cannot download HellaSwag from {URL} ({e}): with no network, pass a local copy with --data-file"
-        ) from e
+        with HTTPFile(url, retry or Retry(attempts=5)) as remote:  # a dropped connection resumes where it broke
+            data = remote.read(remote.size)
+    except UserError as e:
+        raise UserError(f"{e}: with no network, pass a local copy of HellaSwag with --data-file") from e
     try:
         os.makedirs(cache_dir, exist_ok=True)  # only now: a failed download leaves no empty folder behind
         with atomic_write(path) as f:

@@ -9,11 +9,18 @@ import functools
 import hashlib
 import importlib.util
 import inspect
+import io
 import json
 import os
+import random
 import re
 import shutil
+import socket
 import sys
+import time
+import urllib.error
+import urllib.request
+from http.client import HTTPException
 
 import numpy as np
 import torch
@@ -417,6 +424,143 @@ class ShardedDataLoader:
                     f"is now {mine[key]!r}"
                 )
         self.position = int(state["position"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the network: retries, and remote files read by byte range (the downloads of FineWeb-Edu and HellaSwag)
+
+TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
+TIMEOUT = 60  # seconds a connection may stay silent before it counts as dropped
+
+
+def http_status(e):
+    """The HTTP status of a failed request (urllib's or the hub client's), or None for a connection error."""
+    if isinstance(e, urllib.error.HTTPError):
+        return e.code
+    return getattr(getattr(e, "response", None), "status_code", None)
+
+
+def is_transient(e):
+    status = http_status(e)
+    if status is not None:
+        return status in TRANSIENT_STATUS
+    if isinstance(e, urllib.error.URLError) and isinstance(e.reason, socket.gaierror):
+        return False  # no such host, or no network at all: retrying only delays the error
+    if isinstance(e, (ConnectionError, TimeoutError, HTTPException, urllib.error.URLError)):
+        return True  # a reset, a timeout, a body cut short, a refused connection
+    # the hub client's own connection errors (httpx or requests, depending on its version)
+    return any(
+        c.__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3") for c in type(e).__mro__
+    )
+
+
+def describe_network_error(e):
+    status = http_status(e)
+    if status is None:
+        return first_line(e) if str(e).strip() else type(e).__name__
+    reason = getattr(e, "reason", None) or getattr(getattr(e, "response", None), "reason_phrase", "")
+    hint = " (private or gated: log in with `hf auth login` or set HF_TOKEN)" if status in (401, 403) else ""
+    return f"HTTP {status} {reason}".rstrip() + hint
+
+
+@dataclasses.dataclass
+class Retry:
+    """Runs a network request, and again after a transient failure: exponential backoff with jitter, a bounded number
+    of attempts, one line on stderr per retry. A permanent failure stops at once, naming what failed."""
+
+    attempts: int = 8
+    wait: float = 1.0
+    max_wait: float = 60.0
+
+    def __call__(self, request, what):
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return request()
+            except UserError:
+                raise
+            except Exception as e:
+                reason = describe_network_error(e)
+                if not is_transient(e):
+                    raise UserError(f"cannot download {what}: {reason}") from e
+                if attempt == self.attempts:
+                    raise UserError(
+                        f"cannot download {what}: {reason}, {self.attempts} attempts; the finished shards are kept: "
+                        "run again to continue"
+                    ) from e
+                delay = min(self.max_wait, self.wait * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+                retry_after = getattr(e, "headers", None) and e.headers.get("Retry-After")
+                if retry_after and retry_after.isdigit():  # the server says when (429, 503)
+                    delay = min(self.max_wait, max(delay, float(retry_after)))
+                from tqdm import tqdm  # above a download's progress bar, not through it
+
+                tqdm.write(f"retry {attempt}/{self.attempts - 1} in {delay:.1f} s: {what}: {reason}", file=sys.stderr)
+                time.sleep(delay)
+
+
+class HTTPFile(io.RawIOBase):
+    """A file on a web server, readable and seekable like a local one: each read is one HTTP range request (retried
+    on its own), so a parquet reader fetches the footer and the row groups it reads, and nothing else."""
+
+    def __init__(self, url, retry, headers=None):
+        self.url, self.retry, self.headers = url, retry, headers or {}
+        self.pos = 0
+        self.size = retry(self._fetch_size, url)
+
+    def _request(self, start, end):
+        request = urllib.request.Request(self.url, headers={"Range": f"bytes={start}-{end}"})
+        for key, value in self.headers.items():
+            request.add_unredirected_header(key, value)  # a token goes to the hub, not to the CDN it redirects to
+        return urllib.request.urlopen(request, timeout=TIMEOUT)
+
+    def _fetch_size(self):
+        try:
+            with self._request(0, 0) as response:
+                if response.status == 206:  # Content-Range: bytes 0-0/<size>
+                    return int(response.headers["Content-Range"].rpartition("/")[2])
+                return int(response.headers["Content-Length"])  # a server without ranges sends the whole file
+        except urllib.error.HTTPError as e:
+            if e.code == 416:  # no byte 0: an empty file
+                return 0
+            raise
+
+    def readinto(self, buffer):
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), self.size - self.pos)
+        if n <= 0:
+            return 0
+        got = 0
+
+        def fetch():  # a retry asks only for what a dropped connection did not deliver
+            nonlocal got
+            start = self.pos + got
+            with self._request(start, self.pos + n - 1) as response:
+                while response.status == 200 and start:  # the server ignores ranges: read past what comes before
+                    skipped = len(response.read(min(1 << 20, start)))
+                    if not skipped:
+                        raise ConnectionResetError("connection closed before the requested range")
+                    start -= skipped
+                while got < n:
+                    k = response.readinto(view[got:n])
+                    if not k:
+                        raise ConnectionResetError(f"connection closed after {got:,} of {n:,} bytes")
+                    got += k
+
+        self.retry(fetch, self.url)
+        self.pos += n
+        return n
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
+        return self.pos
+
+    def tell(self):
+        return self.pos
 
 
 # ----------------------------------------------------------------------------------------------------------------

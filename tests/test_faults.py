@@ -514,13 +514,17 @@ def test_a_tokenizer_process_that_dies_ends_the_download_with_an_error_not_a_han
         stderr=subprocess.PIPE,
         text=True,
     )
-    children = []
+    def children(pids):
+        found = [subprocess.run(["pgrep", "-P", str(p)], capture_output=True, text=True).stdout.split() for p in pids]
+        return [pid for group in found for pid in group]
+
+    workers = []  # the fork server's children: it is the downloader's child, and forks the tokenizer processes
     deadline = time.time() + 60
-    while not children and time.time() < deadline:
+    while not workers and time.time() < deadline:
         time.sleep(0.5)
-        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        workers = children(children([proc.pid]))
     time.sleep(1)
-    os.kill(int(children[0]), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    os.kill(int(workers[0]), signal.SIGKILL)  # as the kernel's out-of-memory killer would
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "a tokenizer process died" in stderr.strip().splitlines()[-1], stderr
 

@@ -3,9 +3,9 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
-import urllib.request
 
 import pytest
 import torch
@@ -212,35 +212,25 @@ def test_script_errors_are_one_line(tmp_path, data_file):
         assert r.stderr.strip().splitlines()[-1].startswith(message) and "Traceback" not in r.stderr, r.stderr
 
 
-def test_download_once_and_offline_message(tmp_path, monkeypatch, data_file):
-    calls = []
+def test_download_once_retrying_faults_and_offline_message(tmp_path, data_file):
+    from loopback_http import LoopbackServer
+    from utils import Retry
 
-    class Response:
-        def __init__(self):
-            self.body = data_file.read_bytes()
-
-        def read(self):
-            return self.body
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    def fake_urlopen(url, timeout):
-        calls.append(url)
-        return Response()
-
-    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
-    path = hellaswag.download(str(tmp_path / "cache"))
-    assert hellaswag.download(str(tmp_path / "cache")) == path  # cached: fetched once
-    assert calls == [hellaswag.URL] and open(path, "rb").read() == data_file.read_bytes()
-
-    def offline(url, timeout):
-        raise urllib.error.URLError("no network")
-
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(UserError, match="with no network, pass a local copy with --data-file"):
-        hellaswag.download(str(tmp_path / "other"))
-    assert not os.path.exists(tmp_path / "other" / "hellaswag_val.jsonl")
+    (tmp_path / "www").mkdir()
+    shutil.copy(data_file, tmp_path / "www" / "hellaswag_val.jsonl")
+    server = LoopbackServer(tmp_path / "www")
+    try:
+        url = f"{server.url}/files/hellaswag_val.jsonl"
+        server.fault("hellaswag_val", status=503)
+        server.fault("hellaswag_val", count=2)  # connections dropped mid-body: the rest is asked for
+        path = hellaswag.download(str(tmp_path / "cache"), url, Retry(wait=0.01))
+        assert open(path, "rb").read() == data_file.read_bytes()
+        requests = len(server.requests)
+        assert hellaswag.download(str(tmp_path / "cache"), url) == path and len(server.requests) == requests  # cached
+        with pytest.raises(UserError, match="HTTP 404 Not Found: with no network, pass a local copy"):
+            hellaswag.download(str(tmp_path / "other"), url + ".missing")
+    finally:
+        server.close()
+    with pytest.raises(UserError, match="with no network, pass a local copy of HellaSwag with --data-file"):
+        hellaswag.download(str(tmp_path / "other"), "https://no-such-host.invalid/hellaswag_val.jsonl")
+    assert not os.path.exists(tmp_path / "other")
