@@ -23,6 +23,7 @@ class LoopbackServer:
         self.sent = collections.Counter()  # path under root -> body bytes sent
         self.requests = []  # (method, path, range, authorization)
         self.delay = 0.0  # seconds before each answer: a slow network
+        self.ranges = True  # False: Range headers are ignored, as by a server that cannot serve ranges
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.httpd.daemon_threads = True
@@ -127,7 +128,8 @@ def _handler(server):
             size = os.path.getsize(full)
             start, end = 0, size - 1
             status = 200
-            if m := re.match(r"^bytes=(\d+)-(\d*)$", self.headers.get("Range") or ""):
+            m = re.match(r"^bytes=(\d+)-(\d*)$", self.headers.get("Range") or "")
+            if m and server.ranges:
                 start, end = int(m[1]), min(int(m[2]) if m[2] else size - 1, size - 1)
                 if start >= size:
                     return self.answer(416, b"", "text/plain")

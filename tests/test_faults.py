@@ -514,6 +514,7 @@ def test_a_tokenizer_process_that_dies_ends_the_download_with_an_error_not_a_han
         stderr=subprocess.PIPE,
         text=True,
     )
+
     def children(pids):
         found = [subprocess.run(["pgrep", "-P", str(p)], capture_output=True, text=True).stdout.split() for p in pids]
         return [pid for group in found for pid in group]

@@ -69,6 +69,7 @@ def clean_server(request):
         server = request.getfixturevalue("server")
         server.faults.clear()
         server.delay = 0.0
+        server.ranges = True
         server.reset_counts()
 
 
@@ -266,5 +267,10 @@ def test_http_file_reads_ranges_and_resumes_a_dropped_body(server):
         assert f.read(5000) == data[1000:6000]
         f.seek(-10, os.SEEK_END)
         assert f.read(100) == data[-10:] and f.read(10) == b""
+    server.ranges = False  # every answer is the whole file: the reader skips to the part it asked for
+    with HTTPFile(urls(server)[0], Retry(wait=0.01)) as f:
+        assert f.size == len(data)
+        f.seek(7000)
+        assert f.read(3000) == data[7000:10000]
     with pytest.raises(UserError, match="cannot download http://no-such-host.invalid/x: "):
         HTTPFile("http://no-such-host.invalid/x", Retry(wait=0.01))  # no such host: not retried
