@@ -1,7 +1,7 @@
 """
 Pretrain GPT-2 on token shards, on one device or many (DDP under torchrun).
 
-    ./train.sh --preset quickstart              # a small GPT on Python's own docs: offline, CPU, a few minutes
+    ./train.sh --preset quickstart              # a small GPT on generated stories: offline, CPU, a few minutes
     ./train.sh                                  # the reference run: GPT-2 124M on 5B tokens of FineWeb-Edu
     torchrun --standalone --nproc_per_node 8 train.py --preset gpt2-124m --out-dir log
     ./train.sh --resume --out-dir log           # continue a run from its newest checkpoint, bit for bit
@@ -110,11 +110,11 @@ PRESETS = {
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, micro_batch=4, seq_len=32, total_batch=512, max_steps=20,
                  warmup_steps=4, max_lr=1e-3, eval_interval=10, val_steps=2, hellaswag_interval=0, sample_interval=10,
                  num_samples=2, sample_tokens=8, checkpoint_interval=5),
-    # offline first run: Python's own documentation as the corpus, a small GPT, a few minutes on a laptop CPU
-    "quickstart": dict(data_dir="data/quickstart", out_dir="log/quickstart", n_layer=4, n_head=4, n_embd=128,
+    # offline first run: generated children's stories as the corpus, a small GPT, a few minutes on a laptop CPU
+    "quickstart": dict(data_dir="data/quickstart-stories", out_dir="log/quickstart", n_layer=4, n_head=4, n_embd=128,
                        micro_batch=16, seq_len=128, total_batch=2048, max_steps=300, warmup_steps=30, max_lr=2e-3,
                        eval_interval=30, val_steps=4, hellaswag_interval=0, sample_interval=150, num_samples=2,
-                       sample_tokens=32, checkpoint_interval=150),
+                       sample_tokens=48, sample_prompt="Once upon a time,", checkpoint_interval=150),
 }
 # fmt: on
 
@@ -316,15 +316,15 @@ def find_start(config):
 
 
 def prepare_quickstart_data(data_dir):
-    """Python's documentation as a jsonl corpus, tokenized into shards by the downloader's own code."""
+    """Generated children's stories as a jsonl corpus, tokenized into shards by the downloader's own code."""
     downloader = load_script("download-fineweb-edu")
     os.makedirs(data_dir, exist_ok=True)
-    corpus = os.path.join(data_dir, "python_docs.jsonl")
+    corpus = os.path.join(data_dir, "stories.jsonl")
     if not os.path.exists(corpus):
         with atomic_write(corpus, "w") as f:
-            for text in downloader.python_docs_corpus():
+            for text in downloader.simple_stories(5000):
                 f.write(json.dumps(dict(text=text)) + "\n")
-    downloader.main(["--data-files", corpus, "--out-dir", data_dir, "--prefix", "pydocs", "--shard-size", "50000"])
+    downloader.main(["--data-files", corpus, "--out-dir", data_dir, "--prefix", "stories", "--shard-size", "50000"])
 
 
 def check_weights(model, step, out_dir):

@@ -223,6 +223,10 @@ def test_hf_paths_with_globs_and_a_missing_config(server, local_reference, tmp_p
             env=hub_env(server))  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert shards(tmp_path / "glob") == shards(local_reference)
+    one = f"hf://datasets/test-org/edu@{SHA}/sample/tiny/{server.files[0]}"  # a single file, pinned to a commit
+    r = run("--data-files", one, "--out-dir", tmp_path / "one", env=hub_env(server))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "one" / "manifest.json").read_text())["files"] == [one]
     r = run("--dataset", "test-org/edu", "--name", "sample-huge", "--out-dir", tmp_path / "x", env=hub_env(server))
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
         "error: test-org/edu has no config 'sample-huge' (configs: sample-tiny, default)"
