@@ -18,6 +18,7 @@ that file at that row, fetches nothing before it, and ends with byte-identical f
 """
 
 import collections
+import contextlib
 import errno
 import fnmatch
 import glob
@@ -34,6 +35,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -248,28 +250,43 @@ def parquet_batches(f, name, text_field, start_row, batch_size):
         first_row += rows
 
 
-def json_batches(f, name, text_field, start_row, batch_size):
-    """JSON Lines: one document per non-blank line; a bad line is named by its number."""
-    texts, row = [], 0
+def json_records(f, name, start_row):
+    """(where, record) of each JSON Lines record after the first start_row ones, which are counted, not parsed. A
+    .json file that holds one array of records is read whole."""
+    row = 0
     for n, raw in enumerate(f, 1):
         if not raw.strip():
             continue
+        if row == 0 and raw.lstrip().startswith(b"["):
+            records = parse_json(raw + f.read(), name, "the file")
+            yield from ((f"record {i + 1}", r) for i, r in enumerate(records) if i >= start_row)
+            return
         row += 1
-        if row <= start_row:
-            continue
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise UserError(f"cannot read {name}: line {n} is not UTF-8 (byte {e.start + 1} of the line)") from e
-        except json.JSONDecodeError as e:
-            raise UserError(f"cannot read {name}: line {n} is not JSON ({e.msg})") from e
+        if row > start_row:
+            yield f"line {n}", parse_json(raw, name, f"line {n}")
+
+
+def parse_json(raw, name, where):
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"cannot read {name}: {where} is not UTF-8 (byte {e.start + 1})") from e
+    except json.JSONDecodeError as e:
+        raise UserError(f"cannot read {name}: {where} is not JSON ({e.msg})") from e
+
+
+def json_batches(f, name, text_field, start_row, batch_size):
+    """JSON Lines (or a JSON array): one document per record; a bad record is named by its line."""
+    texts, row = [], start_row
+    for where, record in json_records(f, name, start_row):
+        row += 1
         if not isinstance(record, dict):
-            raise UserError(f"cannot read {name}: line {n} is not a JSON object")
+            raise UserError(f"cannot read {name}: {where} is not a JSON object")
         if text_field not in record and row == 1:
             raise UserError(f"{name} has no field {text_field!r} (fields: {', '.join(record)}); set --text-field")
         text = record.get(text_field)
         if not isinstance(text, str):
-            raise UserError(f"{name}: line {n}: field {text_field!r} is {describe_text(text)}")
+            raise UserError(f"{name}: {where}: field {text_field!r} is {describe_text(text)}")
         texts.append(text)
         if len(texts) == batch_size:
             yield row - len(texts), texts
@@ -291,7 +308,11 @@ def document_batches(files, text_field, start, retry, batch_size=1024):
         start_row = start[1] if index == start[0] else 0
         if not is_remote(source) and os.path.getsize(source) == 0:
             continue
-        with open_source(source, retry) as f:
+        try:
+            f = open_source(source, retry)
+        except OSError as e:
+            raise UserError(f"cannot read {source}: {e.strerror or first_line(e)}") from e
+        with f:
             if fmt == "parquet":
                 batches = parquet_batches(f, source, text_field, start_row, batch_size)
             else:
@@ -301,11 +322,16 @@ def document_batches(files, text_field, start, retry, batch_size=1024):
                     batches = json_batches(stream, source, text_field, start_row, batch_size)
                 else:  # a .txt file is one document
                     batches = iter([(0, [read_text(stream, source)])] if start_row == 0 else [])
-            for row, texts in batches:
-                for i, text in enumerate(texts):
-                    if not isinstance(text, str):  # never written as an empty document: the shards would not say so
-                        raise UserError(f"{source}: row {row + i + 1}: field {text_field!r} is {describe_text(text)}")
-                yield index, row, texts
+            try:
+                for row, texts in batches:
+                    for i, text in enumerate(texts):
+                        if not isinstance(text, str):  # never an empty document: the shards would not say so
+                            raise UserError(
+                                f"{source}: row {row + i + 1}: field {text_field!r} is {describe_text(text)}"
+                            )
+                    yield index, row, texts
+            except (OSError, EOFError, zlib.error, ValueError) as e:  # a damaged gzip or parquet file, a read error
+                raise UserError(f"cannot read {source}: {first_line(e)}") from e
 
 
 def read_text(stream, name):
@@ -318,23 +344,27 @@ def read_text(stream, name):
 
 def read_ahead(items, depth):
     """The items, produced by a background thread up to depth ahead: the next row group is fetched while the ones
-    before it are tokenized. An error in the thread is raised here."""
+    before it are tokenized. An error in the thread is raised here; when the consumer stops, so does the thread."""
     ready, stop, end = queue.Queue(depth), threading.Event(), object()
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                return ready.put(item, timeout=0.1)
+            except queue.Full:
+                pass
 
     def produce():
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        ready.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
+                put(item)
                 if stop.is_set():
-                    return
-            ready.put(end)
+                    break
+            put(end)
         except BaseException as e:
-            ready.put(e)
+            put(e)
+        finally:
+            items.close()  # its open file or connection
 
     thread = threading.Thread(target=produce, daemon=True, name="read-ahead")
     thread.start()
@@ -683,37 +713,41 @@ def tokenize_to_shards(args, files, manifest, progress, retry):
     # the file and row to start at; a manifest written before positions were recorded has the documents skipped
     start, skip = (tuple(last["next_position"]), 0) if "next_position" in last else ((0, 0), doc_index)
     train_written = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "train")
+    if train_written >= args.max_tokens:  # killed after the last shard, before the manifest said complete
+        return doc_index + (offset > 0)
     batches = read_ahead(document_batches(files, args.text_field, start, retry), depth=4 * args.workers + 4)
-    for (file, row), doc in tokenized_documents(batches, args.workers):
-        if skip:
-            skip -= 1
-            continue
-        pos = offset  # a resumed run skips what the previous shard already holds of this document
-        offset = 0
-        while pos < len(doc):
-            if writer.split == "val" and writer.fill > 0 and writer.fill + len(doc) > writer.shard_size:
-                writer.flush(doc_index, 0, doc_index - 1, (file, row))  # the val shard holds whole documents only
+    documents = tokenized_documents(batches, args.workers)
+    with contextlib.closing(documents), contextlib.closing(batches):  # on any exit, the reader thread stops too
+        for (file, row), doc in documents:
+            if skip:
+                skip -= 1
                 continue
-            if writer.first_document is None:
-                writer.first_document = doc_index
-            take = min(len(doc) - pos, writer.shard_size - writer.fill)
-            if writer.split == "train":
-                take = min(take, args.max_tokens - train_written)
-                train_written += take
-            writer.buffer[writer.fill : writer.fill + take] = doc[pos : pos + take]
-            writer.fill += take
-            pos += take
-            progress.update(take)
-            if train_written == args.max_tokens:
-                writer.flush(doc_index, pos, doc_index, (file, row))
-                return doc_index + 1
-            if writer.fill == writer.shard_size:
-                done = pos == len(doc)
-                writer.flush(doc_index + done, 0 if done else pos, doc_index, (file, row + done))
-        doc_index += 1
-        if doc_index % 1000 == 0:
-            docs_per_sec = doc_index / max(progress.format_dict["elapsed"], 1e-9)
-            progress.set_postfix(docs=f"{doc_index:,}", docs_per_s=f"{docs_per_sec:,.0f}", refresh=False)
+            pos = offset  # a resumed run skips what the previous shard already holds of this document
+            offset = 0
+            while pos < len(doc):
+                if writer.split == "val" and writer.fill > 0 and writer.fill + len(doc) > writer.shard_size:
+                    writer.flush(doc_index, 0, doc_index - 1, (file, row))  # the val shard holds whole documents only
+                    continue
+                if writer.first_document is None:
+                    writer.first_document = doc_index
+                take = min(len(doc) - pos, writer.shard_size - writer.fill)
+                if writer.split == "train":
+                    take = min(take, args.max_tokens - train_written)
+                    train_written += take
+                writer.buffer[writer.fill : writer.fill + take] = doc[pos : pos + take]
+                writer.fill += take
+                pos += take
+                progress.update(take)
+                if train_written == args.max_tokens:
+                    writer.flush(doc_index, pos, doc_index, (file, row))
+                    return doc_index + 1
+                if writer.fill == writer.shard_size:
+                    done = pos == len(doc)
+                    writer.flush(doc_index + done, 0 if done else pos, doc_index, (file, row + done))
+            doc_index += 1
+            if doc_index % 1000 == 0:
+                docs_per_sec = doc_index / max(progress.format_dict["elapsed"], 1e-9)
+                progress.set_postfix(docs=f"{doc_index:,}", docs_per_s=f"{docs_per_sec:,.0f}", refresh=False)
     if writer.fill > 0:
         writer.flush(doc_index, 0, doc_index - 1, (len(files), 0))
     if not manifest["shards"]:
@@ -770,7 +804,7 @@ def main(argv=None):
         print(f"ok: {len(manifest['shards'])} shards, {tokens:,} tokens match {MANIFEST} ({state})")
         return
     check_out_dir(args.out_dir)
-    retry = Retry(args.retries, args.retry_wait)
+    retry = Retry(args.retries, args.retry_wait, then="the finished shards are kept: run again to continue")
     source = source_settings(args)
     manifest = load_manifest(args.out_dir, source)
     if manifest is None:  # a new run: the list of files is fixed once, here, and kept in the manifest

@@ -471,6 +471,7 @@ class Retry:
     attempts: int = 8
     wait: float = 1.0
     max_wait: float = 60.0
+    then: str = ""  # what the user can do when the attempts run out
 
     def __call__(self, request, what):
         for attempt in range(1, self.attempts + 1):
@@ -483,10 +484,8 @@ class Retry:
                 if not is_transient(e):
                     raise UserError(f"cannot download {what}: {reason}") from e
                 if attempt == self.attempts:
-                    raise UserError(
-                        f"cannot download {what}: {reason}, {self.attempts} attempts; the finished shards are kept: "
-                        "run again to continue"
-                    ) from e
+                    then = f"; {self.then}" if self.then else ""
+                    raise UserError(f"cannot download {what}: {reason}, {self.attempts} attempts{then}") from e
                 delay = min(self.max_wait, self.wait * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
                 retry_after = getattr(e, "headers", None) and e.headers.get("Retry-After")
                 if retry_after and retry_after.isdigit():  # the server says when (429, 503)
@@ -555,8 +554,14 @@ class HTTPFile(io.RawIOBase):
     def seekable(self):
         return True
 
+    def readall(self):  # in one request, not io's 8 KB pieces
+        return self.read(max(self.size - self.pos, 0))
+
     def seek(self, offset, whence=io.SEEK_SET):
-        self.pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
+        pos = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence] + offset
+        if pos < 0:
+            raise ValueError(f"negative seek position {pos}")
+        self.pos = pos
         return self.pos
 
     def tell(self):

@@ -145,6 +145,42 @@ def test_resume_after_a_kill_mid_shard_is_byte_identical(corpus, reference, tmp_
         assert (out / name).read_bytes() == (reference / name).read_bytes()
 
 
+def test_a_run_killed_after_its_last_shard_but_before_complete_finishes_without_an_empty_shard(corpus, tmp_path):
+    out = tmp_path / "out"
+    args = ("--data-files", corpus[0], "--out-dir", out, "--shard-size", 3000, "--max-tokens", 7500)
+    assert run(*args).returncode == 0
+    before = {n: (out / n).read_bytes() for n in shard_files(out)}
+    manifest = json.loads((out / "manifest.json").read_text())
+    documents = manifest.pop("documents")
+    manifest.pop("tokens")
+    (out / "manifest.json").write_text(json.dumps(dict(manifest, complete=False)))
+    r = run(*args)
+    assert r.returncode == 0, r.stderr
+    assert {n: (out / n).read_bytes() for n in shard_files(out)} == before
+    assert json.loads((out / "manifest.json").read_text())["documents"] == documents
+
+
+def test_a_json_array_file_reads_like_json_lines(corpus, reference, tmp_path):
+    records = [json.loads(line) for line in open(corpus[0])]
+    (tmp_path / "docs.json").write_text(json.dumps(records, indent=1))
+    r = run("--data-files", tmp_path / "docs.json", "--out-dir", tmp_path / "out", "--shard-size", 3000)
+    assert r.returncode == 0, r.stderr
+    for name in shard_files(reference):
+        assert (tmp_path / "out" / name).read_bytes() == (reference / name).read_bytes()
+
+
+def test_a_damaged_gzip_file_is_one_line(corpus, tmp_path):
+    import gzip
+
+    data = gzip.compress(open(corpus[0], "rb").read())
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "plain.jsonl.gz").write_bytes(open(corpus[0], "rb").read())
+    for name in ("cut.jsonl.gz", "plain.jsonl.gz"):
+        r = run("--data-files", tmp_path / name, "--out-dir", tmp_path / f"out-{name}", "--shard-size", 3000)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith(f"error: cannot read {tmp_path / name}: "), r.stderr
+
+
 def test_resume_after_real_sigkills(tmp_path):
     corpus = tmp_path / "big.jsonl"
     make_corpus(corpus, 6000, seed=1, min_words=100, max_words=600)  # about 2M tokens

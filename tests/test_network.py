@@ -271,6 +271,10 @@ def test_http_file_reads_ranges_and_resumes_a_dropped_body(server):
         assert f.read(5000) == data[1000:6000]
         f.seek(-10, os.SEEK_END)
         assert f.read(100) == data[-10:] and f.read(10) == b""
+    server.reset_counts()
+    with HTTPFile(urls(server)[0], Retry(wait=0.01)) as f:
+        assert f.read() == data  # the whole file in one request (after the one that asks for the size)
+    assert len(server.requests) == 2
     server.ranges = False  # every answer is the whole file: the reader skips to the part it asked for
     with HTTPFile(urls(server)[0], Retry(wait=0.01)) as f:
         assert f.size == len(data)
