@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -183,6 +184,18 @@ def test_resume_after_sigkill_is_bit_exact(data_dir, tmp_path):
     resume = [json.loads(line) for line in after[len(before) :].splitlines()][0]
     assert resume["event"] == "resume" and resume["step"] in (30, 40)
     assert train_losses(out) == train_losses(tmp_path / "straight")  # every step, bit for bit
+
+
+def test_a_shuffled_run_resumes_its_document_order_exactly(data_dir, tmp_path):
+    args = ["--shuffle", "--seed", 3, "--max-steps", 20, "--checkpoint-interval", 10, "--sample-interval", 0]
+    run_train(*tiny(data_dir, tmp_path / "straight", *args))
+    run_train(*tiny(data_dir, tmp_path / "plain", "--max-steps", 20, "--sample-interval", 0))
+    assert train_losses(tmp_path / "straight") != train_losses(tmp_path / "plain")  # another order of the data
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "straight" / "ckpt_000010.pt", tmp_path / "resumed")
+    run_train(*tiny(data_dir, tmp_path / "resumed", *args, "--resume"))
+    straight = train_losses(tmp_path / "straight")
+    assert train_losses(tmp_path / "resumed") == {step: straight[step] for step in range(10, 20)}
 
 
 def test_refuses_to_overwrite_a_run_and_resumes_past_a_damaged_checkpoint(data_dir, tmp_path):
