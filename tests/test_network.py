@@ -185,6 +185,23 @@ def test_a_resume_after_kill_9_fetches_none_of_the_finished_files(server, local_
     assert all(fetched[name] > 0 for name in server.files[position[0] + 1 :]), fetched
 
 
+def test_ctrl_c_while_downloading_is_one_line_and_the_rerun_continues(server, local_reference, tmp_path):
+    out = tmp_path / "out"
+    server.delay = 0.2  # a slow network: the run is still going when Ctrl-C comes
+    cmd = [sys.executable, os.path.join(ROOT, DOWNLOADER), "--data-files", *urls(server), "--out-dir", str(out)]
+    proc = subprocess.Popen([*cmd, "--shard-size", "4000", "--workers", "1"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("*_train_*.npy")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: what was finished is kept"), stderr
+    server.delay = 0.0
+    assert run("--data-files", *urls(server), "--out-dir", out).returncode == 0
+    assert shards(out) == shards(local_reference)
+
+
 def hub_env(server, **extra):
     env = dict(os.environ, HF_ENDPOINT=server.url, HF_TOKEN="hf_loopbacktoken", **extra)
     env.pop("HF_HUB_OFFLINE", None)
