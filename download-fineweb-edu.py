@@ -342,9 +342,11 @@ def read_text(stream, name):
         raise UserError(f"cannot read {name}: byte {e.start + 1} is not UTF-8") from e
 
 
-def read_ahead(items, depth):
+def read_ahead(items, depth, cancel=lambda: None):
     """The items, produced by a background thread up to depth ahead: the next row group is fetched while the ones
-    before it are tokenized. An error in the thread is raised here; when the consumer stops, so does the thread."""
+    before it are tokenized. An error in the thread is raised here. When the consumer stops (an error, Ctrl-C), the
+    thread is stopped (cancel ends a wait for a retry) and waited for: a thread still inside pyarrow or a request
+    when the interpreter exits would crash it."""
     ready, stop, end = queue.Queue(depth), threading.Event(), object()
 
     def put(item):
@@ -375,6 +377,8 @@ def read_ahead(items, depth):
             yield item
     finally:
         stop.set()
+        cancel()
+        thread.join()
 
 
 def tokenizer_pool(workers):
@@ -715,7 +719,7 @@ def tokenize_to_shards(args, files, manifest, progress, retry):
     train_written = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "train")
     if train_written >= args.max_tokens:  # killed after the last shard, before the manifest said complete
         return doc_index + (offset > 0)
-    batches = read_ahead(document_batches(files, args.text_field, start, retry), depth=4 * args.workers + 4)
+    batches = read_ahead(document_batches(files, args.text_field, start, retry), 4 * args.workers + 4, retry.stop.set)
     documents = tokenized_documents(batches, args.workers)
     with contextlib.closing(documents), contextlib.closing(batches):  # on any exit, the reader thread stops too
         for (file, row), doc in documents:

@@ -17,7 +17,7 @@ import re
 import shutil
 import socket
 import sys
-import time
+import threading
 import urllib.error
 import urllib.request
 from http.client import HTTPException
@@ -472,6 +472,7 @@ class Retry:
     wait: float = 1.0
     max_wait: float = 60.0
     then: str = ""  # what the user can do when the attempts run out
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)  # set: no more waiting and retrying
 
     def __call__(self, request, what):
         for attempt in range(1, self.attempts + 1):
@@ -493,7 +494,8 @@ class Retry:
                 from tqdm import tqdm  # above a download's progress bar, not through it
 
                 tqdm.write(f"retry {attempt}/{self.attempts - 1} in {delay:.1f} s: {what}: {reason}", file=sys.stderr)
-                time.sleep(delay)
+                if self.stop.wait(delay):
+                    raise UserError(f"cannot download {what}: stopped") from e
 
 
 class HTTPFile(io.RawIOBase):

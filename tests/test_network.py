@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -189,7 +190,9 @@ def test_ctrl_c_while_downloading_is_one_line_and_the_rerun_continues(server, lo
     out = tmp_path / "out"
     server.delay = 0.2  # a slow network: the run is still going when Ctrl-C comes
     cmd = [sys.executable, os.path.join(ROOT, DOWNLOADER), "--data-files", *urls(server), "--out-dir", str(out)]
-    proc = subprocess.Popen([*cmd, "--shard-size", "4000", "--workers", "1"], stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as in a terminal: a shell that starts jobs in the background hands them SIGINT ignored
+    proc = subprocess.Popen([*cmd, "--shard-size", "4000", "--workers", "1"], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob("*_train_*.npy")):
         time.sleep(0.05)
@@ -299,3 +302,14 @@ def test_http_file_reads_ranges_and_resumes_a_dropped_body(server):
         assert f.read(3000) == data[7000:10000]
     with pytest.raises(UserError, match="cannot download http://no-such-host.invalid/x: "):
         HTTPFile("http://no-such-host.invalid/x", Retry(wait=0.01))  # no such host: not retried
+
+
+def test_a_stopped_retry_does_not_wait_out_its_backoff(server):
+    """When the download is stopped (Ctrl-C, an error elsewhere), the reader thread is not left sleeping for a retry."""
+    retry = Retry(wait=30)
+    server.fault(r"000_00000", status=503)
+    threading.Timer(0.5, retry.stop.set).start()
+    t0 = time.time()
+    with pytest.raises(UserError, match="stopped"):
+        HTTPFile(urls(server)[0], retry)
+    assert time.time() - t0 < 5
