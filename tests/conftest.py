@@ -74,6 +74,19 @@ def run_script(script, *args, env=None, timeout=300):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
 
 
+def torchrun(script, *args, nproc=2):
+    """The command that runs one of the repo's scripts as nproc local processes under torchrun."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    return [*cmd, os.path.join(ROOT, script), *map(str, args)]
+
+
+def torchrun_node(script, node_rank, port, *args):
+    """The command for one of two loopback "nodes" (one process each) under torchrun; script is a path as given."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank)]
+    cmd += ["--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    return [*cmd, str(script), *map(str, args)]
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """Writes a checkpoint of a small random GPT (padded 50304 vocabulary) in train.py's format; returns its path."""

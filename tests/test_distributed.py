@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import weakref
 
@@ -14,10 +13,8 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, free_port, run_script, train_losses
+from conftest import ROOT, free_port, run_script, torchrun, torchrun_node, train_losses
 from utils import load_checkpoint, read_log, save_checkpoint
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +52,7 @@ def test_quickstart_on_two_processes_shrinks_the_micro_batch_and_logs_the_losses
     ]
     r = run_script("train.py", *args, "--out-dir", tmp_path / "one", timeout=600)
     assert r.returncode == 0, r.stderr
-    cmd = [
-        *TORCHRUN,
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        os.path.join(ROOT, "train.py"),
-        *map(str, args),
-        "--out-dir",
-        tmp_path / "two",
-    ]
+    cmd = torchrun("train.py", *args, "--out-dir", tmp_path / "two")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert (
@@ -143,21 +131,7 @@ def run_two_nodes(nodes, *args, timeout=180):
     procs, logs = [], []
     t0 = time.time()
     for rank, node in enumerate(nodes):
-        cmd = [
-            *TORCHRUN,
-            "--nnodes",
-            "2",
-            "--node_rank",
-            str(rank),
-            "--nproc_per_node",
-            "1",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(port),
-            "train.py",
-            *map(str, args),
-        ]
+        cmd = torchrun_node("train.py", rank, port, *args)
         logs.append(open(node / "node.log", "w"))
         procs.append(subprocess.Popen(cmd, cwd=node, stdout=logs[-1], stderr=subprocess.STDOUT))
     while time.time() - t0 < timeout and any(p.poll() is None for p in procs):

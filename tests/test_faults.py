@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, make_docs, run_script, tiny, train_losses
+from conftest import ROOT, make_docs, run_script, tiny, torchrun, train_losses
 from utils import read_log
 
 DOWNLOADER = "download-fineweb-edu.py"
@@ -215,14 +215,8 @@ def test_a_second_sigterm_stops_at_once(data_dir, tmp_path):
 
 def test_sigterm_under_torchrun_stops_every_rank_after_the_same_step(data_dir, tmp_path):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        os.path.join(ROOT, "train.py"),
+    cmd = torchrun(
+        "train.py",
         *tiny(
             data_dir,
             out,
@@ -235,7 +229,7 @@ def test_sigterm_under_torchrun_stops_every_rank_after_the_same_step(data_dir, t
             "--sample-interval",
             0,
         ),
-    ]
+    )
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_step(out, 3, proc)
     proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks

@@ -5,14 +5,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import hellaswag
-from conftest import ROOT, run_script
+from conftest import run_script, torchrun
 from hellaswag import synthetic_examples
 from utils import UserError, get_tokenizer, load_model
 
@@ -156,18 +155,7 @@ def test_two_processes_equal_one(tiny_checkpoint, data_file, tmp_path):
     args = ["--model", ckpt, "--data-file", data_file, "--device", "cpu", "--limit", 31]
     one = run_script("hellaswag.py", *args, "--out", tmp_path / "one.json")
     assert one.returncode == 0, one.stderr
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        os.path.join(ROOT, "hellaswag.py"),
-        *map(str, args),
-        "--out",
-        str(tmp_path / "two.json"),
-    ]
+    cmd = torchrun("hellaswag.py", *args, "--out", tmp_path / "two.json")
     two = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))

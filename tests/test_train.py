@@ -13,10 +13,8 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, free_port, run_script, tiny, train_losses
+from conftest import ROOT, free_port, run_script, tiny, torchrun, torchrun_node, train_losses
 from utils import load_checkpoint, read_log, save_checkpoint
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def run_train(*args, **kw):
@@ -102,14 +100,7 @@ def test_log_checkpoints_samples_plot_and_export(data_dir, tmp_path):
 
 def test_two_processes_give_the_same_losses_as_one(data_dir, tmp_path):
     run_train(*tiny(data_dir, tmp_path / "one", "--max-steps", 8))
-    cmd = [
-        *TORCHRUN,
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        os.path.join(ROOT, "train.py"),
-        *tiny(data_dir, tmp_path / "two", "--max-steps", 8),
-    ]
+    cmd = torchrun("train.py", *tiny(data_dir, tmp_path / "two", "--max-steps", 8))
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
@@ -124,21 +115,9 @@ def test_two_nodes_on_loopback_give_the_same_losses_as_one(data_dir, tmp_path):
     port = free_port()
     procs, logs = [], []
     for node_rank in (0, 1):
-        cmd = [
-            *TORCHRUN,
-            "--nnodes",
-            "2",
-            "--node_rank",
-            str(node_rank),
-            "--nproc_per_node",
-            "1",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(port),
-            os.path.join(ROOT, "train.py"),
-            *tiny(data_dir, tmp_path / "two", "--max-steps", 6),
-        ]
+        cmd = torchrun_node(
+            os.path.join(ROOT, "train.py"), node_rank, port, *tiny(data_dir, tmp_path / "two", "--max-steps", 6)
+        )
         logs.append(open(tmp_path / f"node{node_rank}.log", "w"))
         procs.append(subprocess.Popen(cmd, stdout=logs[-1], stderr=subprocess.STDOUT))
     deadline = time.time() + 120
