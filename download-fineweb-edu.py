@@ -643,8 +643,7 @@ def load_manifest(out_dir, source):
                     f"{path}, a finished shard, is missing or cut short: continuing would leave a gap; "
                     "restore it, or start over in another --out-dir"
                 )
-        local = [f for f in source.get("data_files", []) if not is_remote(f)]
-        for was, now in zip(manifest.get("inputs", []), input_fingerprint(local)):
+        for was, now in zip(manifest.get("inputs", []), input_fingerprint(source.get("data_files", []))):
             if was != now and not manifest["complete"]:
                 raise UserError(
                     f"{now['file']} changed since {out_dir} was started (size {was['size']:,} -> "
