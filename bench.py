@@ -1,48 +1,62 @@
 """
 Benchmarks that compare variants side by side in one run and print the ratios.
 
-    python bench.py gpu --out report.json        # the GPU path end to end (--device cpu --quick: small, on a CPU)
+    python bench.py gpu --profile --out report.json   # the GPU path end to end, and where the step's time goes
+    python bench.py gpu --device cpu --quick          # the same checks with small shapes, on a CPU
     python bench.py tokenize            # download-fineweb-edu.py vs the common nanoGPT-style tokenizing loop
     python bench.py hellaswag           # hellaswag.py vs a plain one-example-per-forward scorer, small model on CPU
 """
 
 import argparse
+import ast
+import contextlib
+import datetime
+import glob
 import json
 import math
 import multiprocessing as mp
 import os
+import pydoc_data.topics
 import random
 import shutil
+import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
+import traceback
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 import hellaswag
+import sample
+import train
+from checkpoint import load_model, read_log
+from model import GPT, GPTConfig, is_cuda, peak_flops
 from utils import (
     EOT,
     ROOT,
     ShardedDataLoader,
     UserError,
-    atomic_write,
+    check_flags,
     check_output_path,
     first_line,
     get_tokenizer,
     load_script,
-    peak_flops,
+    parse_count,
     pick_device,
-    read_log,
     run_cli,
+    write_json,
 )
+
+downloader = load_script("download-fineweb-edu")
 
 
 def device_name(device):
-    return (
-        torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    )
+    return torch.cuda.get_device_name(device) if is_cuda(device) else f"CPU, {torch.get_num_threads()} threads"
 
 
 @torch.no_grad()
@@ -80,9 +94,6 @@ def baseline_hellaswag(model, path, device):
 
 
 def bench_hellaswag(args):
-    from model import GPT, GPTConfig
-    from utils import pick_device
-
     device = pick_device(args.device)
     torch.manual_seed(0)
     config = GPTConfig(block_size=256, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
@@ -101,7 +112,7 @@ def bench_hellaswag(args):
             t0 = time.perf_counter()
             results = hellaswag.evaluate(model, hellaswag.load_examples(path), device, args.batch_size)
             times["hellaswag.py"].append(time.perf_counter() - t0)
-    if not device.startswith("cuda"):  # in bf16 a near-tie may break the other way
+    if not is_cuda(device):  # in bf16 a near-tie may break the other way
         assert results["acc_norm"] == plain_acc_norm, (results["acc_norm"], plain_acc_norm)
     best = {name: min(t) for name, t in times.items()}
     print(f"model: {config}, {model.num_params() / 1e6:.1f}M params; {args.examples} examples on {device_name(device)}")
@@ -121,9 +132,31 @@ def bench_hellaswag(args):
 # tokenizing
 
 
+def python_docs_corpus():
+    """English text that ships with Python itself, no download: the reference manual's topics (pydoc_data) and every
+    long docstring of the standard library's modules, classes and functions (read with ast, nothing imported).
+    About 2,500 documents and 500k GPT-2 tokens."""
+    docs = [text.strip() for _, text in sorted(pydoc_data.topics.topics.items())]
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for path in sorted(glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True)):
+        if os.path.relpath(path, stdlib).startswith(("site-packages", "test", "idlelib", "lib2to3")):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= 200:
+                    docs.append(doc)
+    return docs
+
+
 def write_corpus(path, min_tokens, seed=0):
     """A jsonl corpus of at least min_tokens GPT-2 tokens: Python's own docs, paragraphs reshuffled in each copy."""
-    docs = load_script("download-fineweb-edu").python_docs_corpus()
+    docs = python_docs_corpus()
     tokens_per_copy = sum(len(t) for t in get_tokenizer().encode_ordinary_batch(docs))
     rng = random.Random(seed)
     with open(path, "w") as f:
@@ -144,7 +177,7 @@ def _baseline_tokenize(doc):
 
 def baseline_tokenize(data_file, out_dir, shard_size):
     """The common loop (build-nanogpt's fineweb.py): per-document imap over half the cores, fixed-size shards."""
-    import datasets
+    import datasets  # only here: a GPU machine may run bench.py gpu without it
 
     fw = datasets.load_dataset("json", data_files=data_file, split="train", streaming=True)
     nprocs = max(1, os.cpu_count() // 2)
@@ -170,7 +203,6 @@ def baseline_tokenize(data_file, out_dir, shard_size):
 
 
 def bench_tokenize(args):
-    downloader = load_script("download-fineweb-edu")
     with tempfile.TemporaryDirectory() as tmp:
         corpus = os.path.join(tmp, "corpus.jsonl")
         write_corpus(corpus, args.tokens)
@@ -211,12 +243,12 @@ RESUME_TOLERANCE = 1e-3  # nats: resumed losses against the uninterrupted run's 
 MEMORY_LIMIT_GIB = 76  # reserved by PyTorch: what an 80 GB card (79.6 GiB) leaves a process, with room to spare
 
 
-def measure_train_steps(device, shape, seq_len, micro_batch, grad_accum_steps, compile_model, data_dir, steps, warmup):
+def measure_train_steps(
+    device, shape, seq_len, micro_batch, grad_accum_steps, compile_model, data_dir, steps, warmup, profile_steps=0
+):
     """train.py's step (loader, bf16 autocast, accumulation, clipping, fused AdamW) on a fresh model: the time of each
-    step, the first loss and peak memory. The first step includes compilation."""
-    import train
-    from model import GPT, GPTConfig
-
+    step, the losses, peak memory, and with profile_steps that many more steps under torch.profiler (the operators and
+    kernels that took the most time). The first step includes compilation."""
     torch.manual_seed(0)
     if compile_model:
         torch._dynamo.reset()  # compile afresh for this shape, as a new run would
@@ -225,31 +257,67 @@ def measure_train_steps(device, shape, seq_len, micro_batch, grad_accum_steps, c
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.split(":")[0])
     run_model = torch.compile(model) if compile_model else model
     loader = ShardedDataLoader(data_dir, "train", micro_batch, seq_len)
-    if device.startswith("cuda"):
+    cuda = is_cuda(device)
+    if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     times, losses = [], []
-    for _ in range(warmup + steps):
+
+    def step():
         t0 = time.perf_counter()
         loss, norm = train.train_step(run_model, optimizer, loader.next_batch, grad_accum_steps, device, 6e-4, 1.0)
         losses.append(loss.item())  # the step's one sync, as in train.py
         times.append(time.perf_counter() - t0)
+
+    for _ in range(warmup + steps):
+        step()
     peak = {}
-    if device.startswith("cuda"):
+    if cuda:
         peak = dict(
             peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30,
             reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30,
         )
-    del model, optimizer, run_model
-    if device.startswith("cuda"):
+    top = None
+    if profile_steps:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            for _ in range(profile_steps):
+                step()
+        top = top_operators(prof, cuda, profile_steps)
+        del times[-profile_steps:], losses[-profile_steps:]  # the profiler slows them: not timed
+    model = optimizer = run_model = None  # their memory back before the next variant
+    if cuda:
         torch.cuda.empty_cache()
-    return times, losses, peak
+    return times, losses, peak, top
 
 
-def check_reference_step(device, quick, data_dir):
-    """GPT-2 124M, T=1024, bf16, compiled, micro-batch 64 and 32, against the same step uncompiled."""
-    from model import GPT, GPTConfig
+def top_operators(prof, cuda, steps, n=25):
+    """The operators and kernels with the most self time (on the GPU where there is one), per step, and their share
+    of all the self time measured."""
+    events = [e for e in prof.key_averages() if e.key != "ProfilerStep*"]
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in events) or 1
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return dict(
+        sort_by=key,
+        steps=steps,
+        total_ms_per_step=total / 1000 / steps,
+        top=[
+            dict(
+                name=e.key,
+                calls=e.count // steps,
+                self_ms_per_step=getattr(e, key) / 1000 / steps,
+                share=getattr(e, key) / total,
+            )  # fmt: skip
+            for e in events[:n]
+            if getattr(e, key) > 0
+        ],
+    )
 
+
+def check_reference_step(device, quick, data_dir, profile_steps=0):
+    """GPT-2 124M, T=1024, bf16, compiled, micro-batch 64 and 32, against the same step uncompiled; with
+    profile_steps, where the first variant's time goes."""
     shape, seq_len = (
         (dict(n_layer=2, n_head=2, n_embd=64), 64) if quick else (dict(n_layer=12, n_head=12, n_embd=768), 1024)
     )
@@ -258,12 +326,14 @@ def check_reference_step(device, quick, data_dir):
     steps, warmup = (2, 1) if quick else (5, 3)
     flops_model = GPT(GPTConfig(block_size=seq_len, **shape))
     peak_flops_per_sec = peak_flops(device)
-    variants = []
+    variants, profiled = [], None
     for micro_batch, compile_model in [(micro_batches[0], True), (micro_batches[0], False), (micro_batches[1], True)]:
         grad_accum_steps = total_batch // (micro_batch * seq_len)
-        times, losses, memory = measure_train_steps(
-            device, shape, seq_len, micro_batch, grad_accum_steps, compile_model, data_dir, steps, warmup
-        )
+        times, losses, memory, top = measure_train_steps(
+            device, shape, seq_len, micro_batch, grad_accum_steps, compile_model, data_dir, steps, warmup,
+            profile_steps if not variants else 0,
+        )  # fmt: skip
+        profiled = profiled or top
         step_s = float(np.median(times[warmup:]))
         tokens_per_sec = total_batch / step_s
         variants.append(
@@ -294,15 +364,12 @@ def check_reference_step(device, quick, data_dir):
         total_batch=total_batch,
         seq_len=seq_len,
         variants=variants,
+        **(dict(profile=profiled) if profiled else {}),
     )
 
 
 def run_train(argv, log_path):
     """train.py's main in this process, its output into log_path."""
-    import contextlib
-
-    import train
-
     with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         train.main(argv)
 
@@ -314,25 +381,11 @@ def train_losses(out_dir):
 def check_parity_and_resume(device, quick, data_dir, tmp):
     """The tiny preset through train.py on the device (compiled there, bf16 on CUDA) against fp32 on the CPU; then the
     same run killed with SIGKILL after a checkpoint and resumed; then the in-training HellaSwag against hellaswag.py."""
-    import subprocess
-
-    from utils import load_model
-
     hellaswag_file = os.path.join(tmp, "hellaswag_small.jsonl")
     with open(hellaswag_file, "w") as f:
         f.writelines(json.dumps(ex) + "\n" for ex in hellaswag.synthetic_examples(64 if quick else 256, seed=1))
-    common = [
-        "--preset",
-        "tiny",
-        "--data-dir",
-        data_dir,
-        "--checkpoint-interval",
-        "5",
-        "--hellaswag-interval",
-        "20",
-        "--hellaswag-file",
-        hellaswag_file,
-    ]
+    common = ["--preset", "tiny", "--data-dir", data_dir, "--checkpoint-interval", "5", "--hellaswag-interval", "20",
+              "--hellaswag-file", hellaswag_file]  # fmt: skip
     runs = {name: os.path.join(tmp, name) for name in ("device", "cpu", "killed")}
     run_train([*common, "--device", device, "--out-dir", runs["device"]], os.path.join(tmp, "device.log"))
     run_train([*common, "--device", "cpu", "--out-dir", runs["cpu"]], os.path.join(tmp, "cpu.log"))
@@ -399,8 +452,6 @@ def check_parity_and_resume(device, quick, data_dir, tmp):
 
 def check_hellaswag(device, quick, tmp):
     """A full 10,042-example HellaSwag pass of GPT-2 124M (random weights: synthetic examples need no network)."""
-    from model import GPT, GPTConfig
-
     n = 200 if quick else hellaswag.N_VAL_EXAMPLES
     shape = dict(n_layer=2, n_head=2, n_embd=64) if quick else dict(n_layer=12, n_head=12, n_embd=768)
     torch.manual_seed(0)
@@ -419,9 +470,6 @@ def check_hellaswag(device, quick, tmp):
 
 def check_sampling(device, quick):
     """sample.py's generation (KV cache) with GPT-2 124M: tokens/s, beside generation without the cache."""
-    import sample
-    from model import GPT, GPTConfig
-
     shape = dict(n_layer=2, n_head=2, n_embd=64) if quick else dict(n_layer=12, n_head=12, n_embd=768)
     torch.manual_seed(0)
     with torch.device(device):
@@ -449,15 +497,13 @@ def check_sampling(device, quick):
 
 def check_larger_presets(device, quick, data_dir):
     """One optimizer step of each larger preset at its own micro-batch (uncompiled: compiled steps take less memory)."""
-    import train
-
     results = []
     for preset in ("gpt2-350m", "gpt2-774m", "gpt2-1558m"):
         c = train.parse_config(["--preset", preset])
         shape = dict(n_layer=1 if quick else c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
         micro_batch, seq_len = (1, 64) if quick else (c.micro_batch, c.seq_len)
         try:
-            _, losses, memory = measure_train_steps(device, shape, seq_len, micro_batch, 1, False, data_dir, 1, 0)
+            _, losses, memory, _ = measure_train_steps(device, shape, seq_len, micro_batch, 1, False, data_dir, 1, 0)
             fits = math.isfinite(losses[0]) and memory.get("reserved_gib", 0) <= MEMORY_LIMIT_GIB
             results.append(dict(preset=preset, micro_batch=micro_batch, ok=fits, loss=losses[0], **memory))
         except torch.OutOfMemoryError as e:
@@ -471,16 +517,13 @@ def check_larger_presets(device, quick, data_dir):
 def write_pydocs_shards(data_dir):
     """Python's documentation (English text, no download) as a val and a train shard."""
     os.makedirs(data_dir, exist_ok=True)
-    docs = get_tokenizer().encode_ordinary_batch(load_script("download-fineweb-edu").python_docs_corpus())
+    docs = get_tokenizer().encode_ordinary_batch(python_docs_corpus())
     tokens = np.concatenate([np.array([EOT, *doc], dtype=np.uint16) for doc in docs])
     np.save(os.path.join(data_dir, "pydocs_val_000000.npy"), tokens[:50_000])
     np.save(os.path.join(data_dir, "pydocs_train_000001.npy"), tokens[50_000:])
 
 
 def bench_gpu(args):
-    import datetime
-    import traceback
-
     device = pick_device(args.device)
     name = device_name(device)
     report = dict(
@@ -499,8 +542,7 @@ def bench_gpu(args):
     def record(check):
         report["checks"].append(check)
         report["seconds"] = time.time() - t_start
-        with atomic_write(args.out, "w") as f:  # after every check: a run cut short still leaves what it measured
-            json.dump(report, f, indent=2)
+        write_json(args.out, report)  # after every check: a run cut short still leaves what it measured
         figures = {k: v for k, v in check.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         print(
             f"[{'ok' if check['ok'] else 'FAIL'}] {check['name']}: "
@@ -525,7 +567,7 @@ def bench_gpu(args):
             os.makedirs(tmp, exist_ok=True)
         data_dir = os.path.join(tmp, "data")
         write_pydocs_shards(data_dir)
-        run("reference_step", check_reference_step, device, args.quick, data_dir)
+        run("reference_step", check_reference_step, device, args.quick, data_dir, 2 if args.profile else 0)
         ref = report["checks"][-1]
         report.update(tokens_per_sec=ref.get("tokens_per_sec"), mfu=ref.get("mfu"))
         run("parity_and_resume", check_parity_and_resume, device, args.quick, data_dir, tmp)
@@ -533,8 +575,7 @@ def bench_gpu(args):
         run("sample_kv_cache", check_sampling, device, args.quick)
         run("larger_presets_fit", check_larger_presets, device, args.quick, data_dir)
     report["seconds"] = time.time() - t_start
-    with atomic_write(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(args.out, report)
     print(gpu_summary(report))
     if not all(c["ok"] for c in report["checks"]):
         raise UserError(f"{sum(not c['ok'] for c in report['checks'])} checks failed: see {args.out}")
@@ -561,6 +602,12 @@ def gpu_summary(report):
                 f"{v['tokens_per_sec']:10,.0f} {mfu} "
                 f"{compile_s} {v.get('peak_memory_gib', 0):8.1f}"
             )
+        if "profile" in ref:
+            prof = ref["profile"]
+            lines.append(f"  where a step's {prof['total_ms_per_step']:.1f} ms go ({prof['sort_by']}), the top 10:")
+            for op in prof["top"][:10]:
+                share, ms = 100 * op["share"], op["self_ms_per_step"]
+                lines.append(f"  {share:5.1f}% {ms:8.2f} ms {op['calls']:5d}x  {op['name'][:80]}")
     return "\n".join(lines)
 
 
@@ -568,38 +615,26 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="bench", required=True)
     t = sub.add_parser("tokenize", help="download-fineweb-edu.py against the nanoGPT-style loop on a local corpus")
-    t.add_argument(
-        "--tokens", type=lambda s: int(float(s)), default=10_000_000, help="corpus size in tokens (at least)"
-    )
-    t.add_argument("--shard-size", type=lambda s: int(float(s)), default=2_000_000)
-    t.add_argument("--repeats", type=int, default=2)
-    h = sub.add_parser(
-        "hellaswag", help="hellaswag.py (both conventions) against a plain one-example-per-forward scorer"
-    )
-    h.add_argument("--examples", type=int, default=300)
-    h.add_argument("--n-layer", type=int, default=4)
-    h.add_argument("--n-head", type=int, default=4)
-    h.add_argument("--n-embd", type=int, default=128)
-    h.add_argument("--batch-size", type=int, default=32)
-    h.add_argument("--repeats", type=int, default=2)
+    t.add_argument("--tokens", type=parse_count, default=10_000_000, help="corpus size in tokens (at least)")
+    t.add_argument("--shard-size", type=parse_count, default=2_000_000)
+    t.add_argument("--repeats", type=parse_count, default=2)
+    h = sub.add_parser("hellaswag", help="hellaswag.py (both conventions) against a one-example-per-forward scorer")
+    for name, default in dict(examples=300, n_layer=4, n_head=4, n_embd=128, batch_size=32, repeats=2).items():
+        h.add_argument("--" + name.replace("_", "-"), type=parse_count, default=default)
     h.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
-    g = sub.add_parser(
-        "gpu",
-        help="the GPU path end to end: train step speed, parity, resume, HellaSwag, sampling, "
-        "large presets; writes a JSON report",
-    )
+    g = sub.add_parser("gpu", help="the GPU path end to end: train step speed, parity, resume, HellaSwag, sampling, "
+                       "large presets; writes a JSON report")  # fmt: skip
     g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
     g.add_argument("--out", default="report.json", help="the JSON report (written after every check)")
     g.add_argument("--quick", action="store_true", help="the same checks with small shapes (minutes on a CPU)")
-    g.add_argument(
-        "--work-dir", default="", help="keep the runs' logs, checkpoints and data here (default: a temporary dir)"
-    )
+    g.add_argument("--profile", action="store_true", help="also the reference step's top operators and kernels by time")
+    g.add_argument("--work-dir", default="", help="keep the runs' logs, checkpoints and data here (default: temporary)")
     args = p.parse_args()
-    for name in ("tokens", "shard_size", "repeats", "examples", "n_layer", "n_head", "n_embd", "batch_size"):
-        if getattr(args, name, 1) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    counts = [n for n in ("tokens", "shard_size", "repeats", "examples", "n_layer", "n_head", "n_embd", "batch_size")
+              if hasattr(args, n)]  # fmt: skip
+    check_flags(args, "at least 1", lambda v: v >= 1, *counts)
     if args.bench == "hellaswag" and args.n_embd % args.n_head:
-        p.error(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
+        raise UserError(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     if args.bench == "gpu":
         check_output_path(args.out, "--out")
     {"tokenize": bench_tokenize, "hellaswag": bench_hellaswag, "gpu": bench_gpu}[args.bench](args)

@@ -15,26 +15,24 @@ tokens: first the val shard <prefix>_val_000000.npy (whole documents only), then
 manifest.json with the (file, row) where the next one starts: a killed run started again with the same arguments opens
 that file at that row, fetches nothing before it, and ends with byte-identical files. Network errors that pass
 (connection resets, timeouts, HTTP 429 and 5xx) are retried with exponential backoff; the others (404, 401/403) stop.
+
+This file, top to bottom: Config, main, the tokenize-to-shards loop, the shard writer and the manifest, the readers
+of documents and the tokenizer processes, and last the generated stories of the quick start.
 """
 
 import collections
 import contextlib
 import errno
-import fnmatch
 import glob
 import gzip
 import io
 import json
 import multiprocessing as mp
 import os
-import queue
 import re
 import shutil
-import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -43,17 +41,19 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from http_files import HF_PATH, Retry, hub_files, is_remote, open_source, read_ahead
 from utils import (
-    HTTPFile,
-    Retry,
     UserError,
     atomic_write,
+    check_flags,
     check_token_ids,
     config_parser,
     first_line,
+    remove_leftovers,
     run_cli,
     sha256_file,
     tokenize_documents,
+    write_json,
 )
 
 MANIFEST = "manifest.json"
@@ -79,100 +79,294 @@ class Config:
 
 
 def parse_args(argv=None):
-    parser = config_parser(Config, __doc__)
-    args = Config(**vars(parser.parse_args(argv)))
-    if args.shard_size < 1 or args.max_tokens < 1:
-        parser.error("--shard-size and --max-tokens must be positive")
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
-    if args.retries < 1 or args.retry_wait < 0:
-        parser.error("--retries must be at least 1 and --retry-wait not negative")
-    if not args.prefix or "/" in args.prefix or args.prefix.startswith("."):
-        parser.error(f"--prefix must be a plain file-name part, got {args.prefix!r}")
-    if not args.out_dir:
-        parser.error("--out-dir must not be empty")
-    if args.workers > (os.cpu_count() or 1):  # more processes than cores only costs memory
-        args.workers = os.cpu_count() or 1
+    args = Config(**vars(config_parser(Config, __doc__).parse_args(argv)))
+    check_flags(args, "at least 1", lambda v: v >= 1, "shard_size", "max_tokens", "workers", "retries")
+    check_flags(args, "0 or more", lambda v: v >= 0, "retry_wait")
+    check_flags(args, "a plain file-name part", lambda p: p and "/" not in p and not p.startswith("."), "prefix")
+    check_flags(args, "a directory name", bool, "out_dir")
+    args.workers = min(args.workers, os.cpu_count() or 1)  # more processes than cores only costs memory
     return args
 
 
+def main(argv=None):
+    args = parse_args(argv)
+    if args.verify:
+        manifest = verify(args.out_dir)
+        tokens = sum(s["tokens"] for s in manifest["shards"])
+        state = "complete" if manifest["complete"] else "incomplete: run again to continue"
+        print(f"ok: {len(manifest['shards'])} shards, {tokens:,} tokens match {MANIFEST} ({state})")
+        return
+    check_out_dir(args.out_dir)
+    retry = Retry(args.retries, args.retry_wait, then="the finished shards are kept: run again to continue")
+    source = source_settings(args)
+    manifest = load_manifest(args.out_dir, source)
+    if manifest is None:  # a new run: the list of files is fixed once, here, and kept in the manifest
+        files = input_files(args, source, retry)
+        manifest = dict(source=source, files=files, inputs=input_fingerprint(files), shards=[], complete=False)
+    if manifest["complete"]:
+        print(f"{args.out_dir} is complete ({len(manifest['shards'])} shards); --verify checks it")
+        return
+    # a shard or the manifest left half-written by a killed run
+    remove_leftovers(args.out_dir, rf"{re.escape(args.prefix)}_(val|train)_\d{{6}}\.npy|{re.escape(MANIFEST)}")
+
+    t0 = time.time()
+    done = sum(s["tokens"] for s in manifest["shards"])
+    with tqdm(initial=done, unit="tok", unit_scale=True, smoothing=0.1, desc="tokenizing") as progress:
+        documents = tokenize_to_shards(args, manifest["files"], manifest, progress, retry)
+    manifest.update(complete=True, documents=documents, tokens=sum(s["tokens"] for s in manifest["shards"]))
+    write_json(os.path.join(args.out_dir, MANIFEST), manifest)
+    seconds = time.time() - t0
+    n_train = sum(s["split"] == "train" for s in manifest["shards"])
+    print(
+        f"done: {documents:,} documents, {manifest['tokens']:,} tokens in {len(manifest['shards'])} shards "
+        f"(1 val, {n_train} train) under {args.out_dir}, {seconds:.1f} s, "
+        f"{(manifest['tokens'] - done) / seconds:,.0f} tokens/s"
+    )
+    if n_train == 0:
+        print(
+            "warning: the corpus ended inside the val shard, so there are no train shards: use a smaller --shard-size"
+        )
+
+
+def tokenize_to_shards(args, files, manifest, progress, retry):
+    """Write shards until max_tokens train tokens or the end of the corpus; returns the documents read."""
+    writer = ShardWriter(args.out_dir, manifest)
+    last = manifest["shards"][-1] if manifest["shards"] else dict(next=[0, 0], next_position=[0, 0])
+    doc_index, offset = last["next"]  # the document the next shard starts in, and how far into it
+    if writer.train_tokens >= args.max_tokens:  # killed after the last shard, before the manifest said complete
+        return doc_index + (offset > 0)
+    # read from the (file, row) where the last shard ended, while the tokenizer processes work on what came before
+    batches = read_ahead(document_batches(files, args.text_field, tuple(last["next_position"]), retry),
+                         4 * args.workers + 4, retry.stop.set)  # fmt: skip
+    documents = tokenized_documents(batches, args.workers)
+    with contextlib.closing(documents), contextlib.closing(batches):  # on any exit, the reader thread stops too
+        for (file, row), doc in documents:
+            pos, offset = offset, 0  # a resumed run skips what the previous shard already holds of this document
+            while pos < len(doc):
+                if writer.split == "val" and writer.fill > 0 and writer.fill + len(doc) > writer.shard_size:
+                    writer.flush(doc_index, 0, doc_index - 1, (file, row))  # the val shard holds whole documents only
+                    continue
+                taken = writer.add(doc_index, doc[pos:], args.max_tokens)
+                pos += taken
+                progress.update(taken)
+                if writer.train_tokens == args.max_tokens:
+                    writer.flush(doc_index, pos, doc_index, (file, row))
+                    return doc_index + 1
+                if writer.fill == writer.shard_size:
+                    done = pos == len(doc)  # the next shard starts with the next document, or inside this one
+                    writer.flush(doc_index + done, 0 if done else pos, doc_index, (file, row + done))
+            doc_index += 1
+            if doc_index % 1000 == 0:
+                docs_per_sec = doc_index / max(progress.format_dict["elapsed"], 1e-9)
+                progress.set_postfix(docs=f"{doc_index:,}", docs_per_s=f"{docs_per_sec:,.0f}", refresh=False)
+    if writer.fill > 0:
+        writer.flush(doc_index, 0, doc_index - 1, (len(files), 0))
+    if not manifest["shards"]:
+        source = ", ".join(files) if len(files) < 4 else f"{files[0]} and {len(files) - 1} more files"
+        raise UserError(f"empty corpus: {source} holds no documents")
+    return doc_index
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# which files, in which order: local paths, http(s) URLs, and hf:// paths listed through huggingface_hub
-
-HF_PATH = re.compile(r"^hf://datasets/(?P<repo>[^/@]+/[^/@]+)(@(?P<revision>[^/]+))?/(?P<path>.+)$")
+# the shard writer and the manifest
 
 
-def is_remote(source):
-    return source.startswith(("http://", "https://", "hf://"))
+class ShardWriter:
+    """Fills shards from the document stream. Every finished shard is written to a temporary file, renamed into
+    place, then recorded in the manifest together with where the next shard starts."""
+
+    def __init__(self, out_dir, manifest):
+        self.out_dir, self.manifest = out_dir, manifest
+        self.shard_size = manifest["source"]["shard_size"]
+        self.buffer = np.empty(self.shard_size, dtype=np.uint16)
+        self.fill = 0  # tokens in the buffer
+        self.first_document = None  # the document the buffer starts in
+        self.train_tokens = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "train")  # written so far
+
+    @property
+    def split(self):
+        return "val" if len(self.manifest["shards"]) == 0 else "train"
+
+    def add(self, document, tokens, max_train_tokens):
+        """As many of a document's tokens as the shard has room for (and max_train_tokens allows); returns how many."""
+        take = min(len(tokens), self.shard_size - self.fill)
+        if self.split == "train":
+            take = min(take, max_train_tokens - self.train_tokens)
+            self.train_tokens += take
+        if self.first_document is None:
+            self.first_document = document
+        self.buffer[self.fill : self.fill + take] = tokens[:take]
+        self.fill += take
+        return take
+
+    def flush(self, next_document, next_offset, last_document, next_position):
+        index = len(self.manifest["shards"])
+        name = f"{self.manifest['source']['prefix']}_{self.split}_{index:06d}.npy"
+        path = os.path.join(self.out_dir, name)
+        try:
+            os.makedirs(self.out_dir, exist_ok=True)  # only now: a run that never gets data leaves no empty folder
+            with atomic_write(path) as f:
+                np.save(f, self.buffer[: self.fill])
+        except OSError as e:
+            raise UserError(
+                f"{describe_write_error(e, self.out_dir, 2 * self.shard_size)} while writing {path}: the partial shard "
+                f"was removed, the {index} finished shards and {MANIFEST} are intact; run again to continue"
+            ) from e
+        # where the next shard starts, as (document, token offset) and as (file, row) in the input files
+        entry = dict(file=name, split=self.split, tokens=self.fill, first_document=self.first_document,
+                     last_document=last_document, next=[next_document, next_offset],
+                     next_position=list(next_position), sha256=sha256_file(path))  # fmt: skip
+        self.manifest["shards"].append(entry)
+        try:
+            write_json(os.path.join(self.out_dir, MANIFEST), self.manifest)
+        except OSError as e:
+            raise UserError(
+                f"{describe_write_error(e, self.out_dir, 1_000_000)} while writing {MANIFEST} in {self.out_dir}: "
+                f"it still lists the {index} shards before {name}; run again to continue (that shard is rewritten)"
+            ) from e
+        self.fill = 0
+        self.first_document = None
 
 
-def hub_glob(api, repo, revision, pattern, retry):
-    """The dataset's files that match pattern, as hf:// paths pinned to a commit, in name order."""
-    from huggingface_hub.hf_api import RepoFile
-
-    folder = re.split(r"[*?[]", pattern)[0].rpartition("/")[0]  # the deepest folder without a wildcard
-    what = f"the file list of hf://datasets/{repo}@{revision}/{folder}"
-    tree = retry(lambda: list(api.list_repo_tree(repo, folder or None, recursive=True, revision=revision,
-                                                repo_type="dataset")), what)  # fmt: skip
-    paths = sorted(e.path for e in tree if isinstance(e, RepoFile) and fnmatch.fnmatchcase(e.path, pattern))
-    return [f"hf://datasets/{repo}@{revision}/{p}" for p in paths]
-
-
-def hub_files(repo, revision, retry, config=None, split=None, pattern=None):
-    """Files of a hub dataset at the commit that revision names now: those of a config's split (as its card lists
-    them), or those matching a pattern."""
-    from huggingface_hub import HfApi
-
-    label = f"{repo} ({config})" if pattern is None else f"hf://datasets/{repo}"
-    try:
-        check_hub_reachable()
-    except ConnectionError as e:
-        raise UserError(
-            f"cannot open {label} on the Hugging Face hub: {first_line(e)}; "
-            "with no network, tokenize local files with --data-files"
-        ) from e
-    api = HfApi()  # the endpoint from HF_ENDPOINT, the token from HF_TOKEN or `hf auth login`
-    info = retry(lambda: api.dataset_info(repo, revision=revision), f"hf://datasets/{repo}@{revision}")
-    if pattern is None:
-        configs = {c.get("config_name"): c for c in (info.card_data.get("configs") or [])} if info.card_data else {}
-        if config not in configs:
-            raise UserError(f"{repo} has no config {config!r} (configs: {', '.join(map(str, configs)) or 'none'})")
-        data_files = configs[config].get("data_files") or []
-        if isinstance(data_files, str):
-            data_files = [dict(split="train", path=data_files)]
-        patterns = [
-            p
-            for d in data_files
-            if d.get("split") == split
-            for p in ([d["path"]] if isinstance(d["path"], str) else d["path"])
-        ]
-        if not patterns:
-            raise UserError(f"{repo} ({config}) has no split {split!r}")
+def source_settings(args):
+    """What the shards are made of: an out dir is only continued with the same."""
+    source = dict(text_field=args.text_field, shard_size=args.shard_size, max_tokens=args.max_tokens,
+                  prefix=args.prefix)  # fmt: skip
+    if args.data_files:  # local files as found, remote ones as given: a rerun does not list the hub again
+        source["data_files"] = [f for p in args.data_files for f in ([p] if is_remote(p) else local_files(p))]
     else:
-        patterns = [pattern]
-    return [f for p in patterns for f in hub_glob(api, repo, info.sha, p, retry)]
+        source.update(dataset=args.dataset, name=args.name, split=args.split, revision=args.revision)
+    return source
 
 
-def check_hub_reachable():
-    """One quick request first: offline, the hub client would retry for half a minute before it gives up."""
-    if os.environ.get("HF_HUB_OFFLINE"):
-        raise ConnectionError("HF_HUB_OFFLINE is set, and the shards are written from the hub's files, not its cache")
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+def describe_write_error(e, out_dir, needed_bytes):
+    """What went wrong in a write, in words; a full disk (numpy reports it as "N requested and M written") with how
+    much room is left and needed."""
+    free = shutil.disk_usage(out_dir).free if os.path.isdir(out_dir) else None
+    if e.errno == errno.ENOSPC or (free is not None and free < needed_bytes):
+        return f"the disk holding {out_dir} is full ({free / 1e6:,.1f} MB free, {needed_bytes / 1e6:,.1f} MB needed)"
+    return first_line(e)
+
+
+def check_out_dir(out_dir):
+    """Fail before any downloading or tokenizing if the shards could not be written; create nothing yet."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out-dir {out_dir} is a file, not a directory")
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"cannot create --out-dir {out_dir}: {existing} is a file")
+    probe = os.path.join(existing, f".write-test.{os.getpid()}.tmp")
     try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=15).close()
-    except urllib.error.HTTPError:
-        pass  # it answered: reachable
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
     except OSError as e:
-        raise ConnectionError(f"cannot reach {endpoint} ({getattr(e, 'reason', e)})") from e
+        raise UserError(f"cannot write to --out-dir {out_dir}: {e.strerror} ({existing})") from e
 
 
-def local_files(pattern):
-    matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-    if not matches or not all(os.path.isfile(m) for m in matches):
-        bad = next((m for m in matches if not os.path.isfile(m)), pattern)
-        what = "a directory: give the files in it (a glob like dir/*.jsonl)" if os.path.isdir(bad) else "no such file"
-        raise UserError(f"cannot read --data-files {bad}: {what}")
-    return [os.path.abspath(m) for m in matches]
+def read_manifest(out_dir):
+    path = os.path.join(out_dir, MANIFEST)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        if not isinstance(manifest["source"], dict) or not isinstance(manifest["complete"], bool):
+            raise TypeError("source or complete of the wrong type")
+        for shard in manifest["shards"]:
+            types = dict(file=str, split=str, tokens=int, next=list, next_position=list, sha256=str)
+            if not all(isinstance(shard[key], t) for key, t in types.items()) or len(shard["next"]) != 2:
+                raise TypeError(f"shard entry {shard!r:.80} is incomplete")
+            if len(shard["next_position"]) != 2 or not all(isinstance(i, int) for i in shard["next_position"]):
+                raise TypeError(f"shard entry {shard['file']} has a bad next_position")
+        if not isinstance(manifest["files"], list) or not isinstance(manifest["inputs"], list):
+            raise TypeError("files or inputs is not a list")
+        return manifest
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise UserError(
+            f"{path} is damaged ({first_line(e)}): the shards cannot be checked or continued without it; "
+            "restore it, or start over in another --out-dir"
+        ) from e
+
+
+def input_fingerprint(files):
+    """Size and modification time of each local input: a corpus edited between a kill and the rerun is noticed."""
+    return [dict(file=f, size=os.path.getsize(f), mtime_ns=os.stat(f).st_mtime_ns) for f in files if not is_remote(f)]
+
+
+def load_manifest(out_dir, source):
+    """The manifest of an earlier run with the same settings, or None; refuses an out dir made otherwise."""
+    path = os.path.join(out_dir, MANIFEST)
+    if os.path.exists(path):
+        manifest = read_manifest(out_dir)
+        for key in sorted(set(source) | set(manifest["source"])):
+            if manifest["source"].get(key) != source.get(key):
+                raise UserError(
+                    f"{out_dir} holds shards made with {key}={manifest['source'].get(key)!r}, not {source.get(key)!r}: "
+                    "use another --out-dir, or delete this one to start over"
+                )
+        for shard in manifest["shards"] if not manifest["complete"] else []:
+            path = os.path.join(out_dir, shard["file"])
+            if not os.path.isfile(path) or os.path.getsize(path) < 2 * shard["tokens"]:
+                raise UserError(
+                    f"{path}, a finished shard, is missing or cut short: continuing would leave a gap; "
+                    "restore it, or start over in another --out-dir"
+                )
+        for was, now in zip(manifest["inputs"], input_fingerprint(source.get("data_files", []))):
+            if was != now and not manifest["complete"]:
+                raise UserError(
+                    f"{now['file']} changed since {out_dir} was started (size {was['size']:,} -> "
+                    f"{now['size']:,} bytes, or its modification time): the shards so far hold the old text; "
+                    "restore the file, or start over in another --out-dir"
+                )
+        return manifest
+    if os.path.isdir(out_dir) and any(n.endswith(".npy") for n in os.listdir(out_dir)):
+        raise UserError(f"{out_dir} holds .npy files but no {MANIFEST}: use an empty --out-dir")
+    return None
+
+
+def verify(out_dir):
+    """Check every shard against the manifest; returns the number of shards, or raises naming the first bad file."""
+    if not os.path.exists(os.path.join(out_dir, MANIFEST)):
+        raise UserError(f"no {MANIFEST} in {out_dir}: nothing to verify")
+    manifest = read_manifest(out_dir)
+    for shard in manifest["shards"]:
+        file = os.path.join(out_dir, shard["file"])
+        if not os.path.exists(file):
+            raise UserError(f"verify failed: {file} is missing")
+        try:
+            tokens = np.load(file, mmap_mode="r")
+        except Exception as e:
+            raise UserError(f"verify failed: {file} is not a readable .npy file ({first_line(e)})") from e
+        if tokens.dtype != np.uint16 or tokens.ndim != 1:
+            raise UserError(f"verify failed: {file} holds {tokens.dtype} {tokens.shape}, expected uint16 (N,)")
+        if len(tokens) != shard["tokens"]:
+            raise UserError(
+                f"verify failed: {file} holds {len(tokens):,} tokens, the manifest says {shard['tokens']:,}"
+            )
+        if sha256_file(file) != shard["sha256"]:
+            raise UserError(f"verify failed: {file} does not match its sha256 in the manifest")
+        try:
+            check_token_ids(tokens, file)
+        except UserError as e:
+            raise UserError(f"verify failed: {e}") from e
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading documents: which files, in which order, and (file, row) positions, so that a resume starts where the last
+# shard ended
+
+
+def input_files(args, source, retry):
+    if args.data_files:
+        files = list_files(source["data_files"], retry)
+    else:
+        files = hub_files(args.dataset, args.revision, retry, config=args.name, split=args.split)
+    if not files:
+        raise UserError(f"{args.dataset} ({args.name}, {args.split}) lists no files")
+    file_format(files)
+    return files
 
 
 def list_files(data_files, retry):
@@ -195,6 +389,15 @@ def list_files(data_files, retry):
     return files
 
 
+def local_files(pattern):
+    matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    if not matches or not all(os.path.isfile(m) for m in matches):
+        bad = next((m for m in matches if not os.path.isfile(m)), pattern)
+        what = "a directory: give the files in it (a glob like dir/*.jsonl)" if os.path.isdir(bad) else "no such file"
+        raise UserError(f"cannot read --data-files {bad}: {what}")
+    return [os.path.abspath(m) for m in matches]
+
+
 def file_format(files):
     formats = set()
     for f in files:
@@ -205,98 +408,6 @@ def file_format(files):
     if len(formats) != 1 or not formats <= {"json", "parquet", "text"}:
         raise UserError(f"--data-files must all be .jsonl/.json, .parquet or .txt (one kind), got {sorted(formats)}")
     return formats.pop()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# reading documents: (file, row) positions, so that a resume starts where the last shard ended
-
-
-def open_source(source, retry):
-    """A binary file object for a local path, an http(s) URL or an hf:// path."""
-    if not is_remote(source):
-        return open(source, "rb")
-    headers = {}
-    if source.startswith("hf://"):
-        from huggingface_hub import constants
-        from huggingface_hub.utils import build_hf_headers
-
-        m = HF_PATH.match(source)
-        path = urllib.parse.quote(m["path"])
-        headers = {k: v for k, v in build_hf_headers().items() if k.lower() == "authorization"}
-        source = f"{constants.ENDPOINT}/datasets/{m['repo']}/resolve/{m['revision']}/{path}"
-    return HTTPFile(source, retry, headers)
-
-
-def parquet_batches(f, name, text_field, start_row, batch_size):
-    """From start_row on, entering at the row group that holds it: the row groups before it are not read."""
-    import pyarrow.parquet as pq
-
-    try:
-        parquet = pq.ParquetFile(f)
-    except UserError:
-        raise
-    except Exception as e:  # pyarrow reports a bad file with several exception types
-        raise UserError(f"cannot read {name}: not a parquet file ({first_line(e)})") from e
-    if text_field not in parquet.schema_arrow.names:
-        fields = ", ".join(parquet.schema_arrow.names)
-        raise UserError(f"{name} has no field {text_field!r} (fields: {fields}); set --text-field")
-    first_row = 0  # of the row group
-    for group in range(parquet.num_row_groups):
-        rows = parquet.metadata.row_group(group).num_rows
-        if first_row + rows > start_row:
-            texts = parquet.read_row_group(group, columns=[text_field]).column(0).to_pylist()
-            for i in range(max(start_row - first_row, 0), rows, batch_size):
-                yield first_row + i, texts[i : i + batch_size]
-        first_row += rows
-
-
-def json_records(f, name, start_row):
-    """(where, record) of each JSON Lines record after the first start_row ones, which are counted, not parsed. A
-    .json file that holds one array of records is read whole."""
-    row = 0
-    for n, raw in enumerate(f, 1):
-        if not raw.strip():
-            continue
-        if row == 0 and raw.lstrip().startswith(b"["):
-            records = parse_json(raw + f.read(), name, "the file")
-            yield from ((f"record {i + 1}", r) for i, r in enumerate(records) if i >= start_row)
-            return
-        row += 1
-        if row > start_row:
-            yield f"line {n}", parse_json(raw, name, f"line {n}")
-
-
-def parse_json(raw, name, where):
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise UserError(f"cannot read {name}: {where} is not UTF-8 (byte {e.start + 1})") from e
-    except json.JSONDecodeError as e:
-        raise UserError(f"cannot read {name}: {where} is not JSON ({e.msg})") from e
-
-
-def json_batches(f, name, text_field, start_row, batch_size):
-    """JSON Lines (or a JSON array): one document per record; a bad record is named by its line."""
-    texts, row = [], start_row
-    for where, record in json_records(f, name, start_row):
-        row += 1
-        if not isinstance(record, dict):
-            raise UserError(f"cannot read {name}: {where} is not a JSON object")
-        if text_field not in record and row == 1:
-            raise UserError(f"{name} has no field {text_field!r} (fields: {', '.join(record)}); set --text-field")
-        text = record.get(text_field)
-        if not isinstance(text, str):
-            raise UserError(f"{name}: {where}: field {text_field!r} is {describe_text(text)}")
-        texts.append(text)
-        if len(texts) == batch_size:
-            yield row - len(texts), texts
-            texts = []
-    if texts:
-        yield row - len(texts), texts
-
-
-def describe_text(text):
-    return "missing" if text is None else f"{type(text).__name__}, not a string"
 
 
 def document_batches(files, text_field, start, retry, batch_size=1024):
@@ -334,6 +445,78 @@ def document_batches(files, text_field, start, retry, batch_size=1024):
                 raise UserError(f"cannot read {source}: {first_line(e)}") from e
 
 
+def parquet_batches(f, name, text_field, start_row, batch_size):
+    """From start_row on, entering at the row group that holds it: the row groups before it are not read."""
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(f)
+    except UserError:
+        raise
+    except Exception as e:  # pyarrow reports a bad file with several exception types
+        raise UserError(f"cannot read {name}: not a parquet file ({first_line(e)})") from e
+    if text_field not in parquet.schema_arrow.names:
+        fields = ", ".join(parquet.schema_arrow.names)
+        raise UserError(f"{name} has no field {text_field!r} (fields: {fields}); set --text-field")
+    first_row = 0  # of the row group
+    for group in range(parquet.num_row_groups):
+        rows = parquet.metadata.row_group(group).num_rows
+        if first_row + rows > start_row:
+            texts = parquet.read_row_group(group, columns=[text_field]).column(0).to_pylist()
+            for i in range(max(start_row - first_row, 0), rows, batch_size):
+                yield first_row + i, texts[i : i + batch_size]
+        first_row += rows
+
+
+def json_batches(f, name, text_field, start_row, batch_size):
+    """JSON Lines (or a JSON array): one document per record; a bad record is named by its line."""
+    texts, row = [], start_row
+    for where, record in json_records(f, name, start_row):
+        row += 1
+        if not isinstance(record, dict):
+            raise UserError(f"cannot read {name}: {where} is not a JSON object")
+        if text_field not in record and row == 1:
+            raise UserError(f"{name} has no field {text_field!r} (fields: {', '.join(record)}); set --text-field")
+        text = record.get(text_field)
+        if not isinstance(text, str):
+            raise UserError(f"{name}: {where}: field {text_field!r} is {describe_text(text)}")
+        texts.append(text)
+        if len(texts) == batch_size:
+            yield row - len(texts), texts
+            texts = []
+    if texts:
+        yield row - len(texts), texts
+
+
+def json_records(f, name, start_row):
+    """(where, record) of each JSON Lines record after the first start_row ones, which are counted, not parsed. A
+    .json file that holds one array of records is read whole."""
+    row = 0
+    for n, raw in enumerate(f, 1):
+        if not raw.strip():
+            continue
+        if row == 0 and raw.lstrip().startswith(b"["):
+            records = parse_json(raw + f.read(), name, "the file")
+            yield from ((f"record {i + 1}", r) for i, r in enumerate(records) if i >= start_row)
+            return
+        row += 1
+        if row > start_row:
+            yield f"line {n}", parse_json(raw, name, f"line {n}")
+
+
+def parse_json(raw, name, where):
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"cannot read {name}: {where} is not UTF-8 (byte {e.start + 1})") from e
+    except json.JSONDecodeError as e:
+        raise UserError(f"cannot read {name}: {where} is not JSON ({e.msg})") from e
+
+
+def describe_text(text):
+    return "missing" if text is None else f"{type(text).__name__}, not a string"
+
+
 def read_text(stream, name):
     data = stream.read()
     try:
@@ -342,43 +525,8 @@ def read_text(stream, name):
         raise UserError(f"cannot read {name}: byte {e.start + 1} is not UTF-8") from e
 
 
-def read_ahead(items, depth, cancel=lambda: None):
-    """The items, produced by a background thread up to depth ahead: the next row group is fetched while the ones
-    before it are tokenized. An error in the thread is raised here. When the consumer stops (an error, Ctrl-C), the
-    thread is stopped (cancel ends a wait for a retry) and waited for: a thread still inside pyarrow or a request
-    when the interpreter exits would crash it."""
-    ready, stop, end = queue.Queue(depth), threading.Event(), object()
-
-    def put(item):
-        while not stop.is_set():
-            try:
-                return ready.put(item, timeout=0.1)
-            except queue.Full:
-                pass
-
-    def produce():
-        try:
-            for item in items:
-                put(item)
-                if stop.is_set():
-                    break
-            put(end)
-        except BaseException as e:
-            put(e)
-        finally:
-            items.close()  # its open file or connection
-
-    thread = threading.Thread(target=produce, daemon=True, name="read-ahead")
-    thread.start()
-    try:
-        while (item := ready.get()) is not end:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        cancel()
-        thread.join()
+# ----------------------------------------------------------------------------------------------------------------
+# the tokenizer processes
 
 
 def tokenizer_pool(workers):
@@ -418,42 +566,28 @@ def split_documents(index, row, future):
         yield (index, row + i), tokens[end - n : end]
 
 
-def python_docs_corpus():
-    """English text that ships with Python itself, no download: the reference manual's topics (pydoc_data) and every
-    long docstring of the standard library's modules, classes and functions (read with ast, nothing imported).
-    About 2,500 documents and 500k GPT-2 tokens."""
-    import ast
-    import glob
-    import pydoc_data.topics
-    import sysconfig
+# ----------------------------------------------------------------------------------------------------------------
+# the quick start's corpus
 
-    docs = [text.strip() for _, text in sorted(pydoc_data.topics.topics.items())]
-    stdlib = sysconfig.get_paths()["stdlib"]
-    for path in sorted(glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True)):
-        rel = os.path.relpath(path, stdlib)
-        if rel.startswith(("site-packages", "test", "idlelib", "lib2to3")):
-            continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                tree = ast.parse(f.read())
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) >= 200:
-                    docs.append(doc)
-    return docs
+
+def prepare_quickstart(data_dir):
+    """Generated children's stories as a jsonl corpus, tokenized into shards by this file's own main."""
+    os.makedirs(data_dir, exist_ok=True)
+    corpus = os.path.join(data_dir, "stories.jsonl")
+    if not os.path.exists(corpus):
+        with atomic_write(corpus, "w") as f:
+            f.writelines(json.dumps(dict(text=text)) + "\n" for text in simple_stories(5000))
+    main(["--data-files", corpus, "--out-dir", data_dir, "--prefix", "stories", "--shard-size", "50000"])
 
 
 def simple_stories(n_stories, seed=0):
-    """Short children's stories from a small generated grammar (about 150 words), for the quick start. Real English
-    needs far more text than a CPU reads in minutes before a small model writes sentences: on Python's docs a 7M model
-    still wrote word salad after 600k tokens (val loss 5.6), while on these it writes grammatical sentences, dialogue
-    and the shape of a story in the same few minutes. Deterministic for a seed."""
+    """Short children's stories from a small generated grammar (about 150 words each), deterministic for a seed.
+    On Python's docs a 7M model still wrote word salad after 600k tokens (val loss 5.6); on these it writes
+    grammatical sentences, dialogue and the shape of a story in the same few CPU minutes."""
     import random
 
     rng = random.Random(seed)
+    # fmt: off
     boys = ["Tom", "Sam", "Ben", "Max", "Tim", "Jack", "Leo", "Dan"]
     girls = ["Lily", "Mia", "Anna", "Lucy", "Sue", "Emma", "Zoe", "Kate"]
     pets = ["dog", "cat", "bird", "rabbit", "duck", "frog", "puppy", "kitten"]
@@ -472,375 +606,44 @@ def simple_stories(n_stories, seed=0):
         He, His = he.capitalize(), his.capitalize()
         thing, pet, place, place2 = rng.choice(things), rng.choice(pets), *rng.sample(places, 2)
         hide, adjective = rng.choice(hides), rng.choice(adjectives)
-        s = [
-            rng.choice(
-                [
-                    f"Once upon a time, there was {a_(rng.choice(['little', 'kind', 'happy', 'curious']))} "
-                    f"{'boy' if a in boys else 'girl'} named {a}.",
-                    f"One day, {a} went to the {place} with {his} {pet}.",
-                    f"{a} had {a_(adjective)} {thing}. {He} loved it very much.",
-                ]
-            )
-        ]
-        s.append(
-            rng.choice(
-                [
-                    f"{He} liked to play in the {place} every day.",
-                    f"{His} best friend was {b}.",
-                    f"{He} had {a_(adjective)} {thing} and {a_(pet)}.",
-                ]
-            )
-        )
+        s = [rng.choice([
+            f"Once upon a time, there was {a_(rng.choice(['little', 'kind', 'happy', 'curious']))} "
+            f"{'boy' if a in boys else 'girl'} named {a}.",
+            f"One day, {a} went to the {place} with {his} {pet}.",
+            f"{a} had {a_(adjective)} {thing}. {He} loved it very much.",
+        ])]
+        s.append(rng.choice([f"{He} liked to play in the {place} every day.", f"{His} best friend was {b}.",
+                             f"{He} had {a_(adjective)} {thing} and {a_(pet)}."]))
         plot = rng.randrange(4)
         if plot == 0:  # something lost, found with a friend
-            s += [
-                f"One day, {a} could not find {his} {thing}.",
-                f"{He} looked everywhere, but it was not there.",
-                f"{a} was sad.",
-                f'Then {b} came and said, "Why are you sad, {a}?"',
-                f'"I lost my {thing}," said {a}.',
-                f'"I will help you," said {b}.',
-                f"They looked and looked. At last, they found the {thing} {hide}.",
-                f'{a} was very happy. "Thank you, {b}!" {he} said.',
-            ]
+            s += [f"One day, {a} could not find {his} {thing}.", f"{He} looked everywhere, but it was not there.",
+                  f"{a} was sad.", f'Then {b} came and said, "Why are you sad, {a}?"',
+                  f'"I lost my {thing}," said {a}.', f'"I will help you," said {b}.',
+                  f"They looked and looked. At last, they found the {thing} {hide}.",
+                  f'{a} was very happy. "Thank you, {b}!" {he} said.']
         elif plot == 1:  # sharing
             s.append(f'{b} saw the {thing} and said, "Can I play with your {thing}, please?"')
             if rng.random() < 0.5:
-                s += [
-                    f'"Yes, you can," said {a}.',
-                    f"They played with the {thing} together all day.",
-                    "They had a lot of fun.",
-                ]
+                s += [f'"Yes, you can," said {a}.', f"They played with the {thing} together all day.",
+                      "They had a lot of fun."]
             else:
-                s += [
-                    f'"No, it is mine!" said {a}.',
-                    f"{b} was sad and went home.",
-                    f'Later, {a} felt bad. {He} went to {b} and said, "I am sorry. Let\'s play together."',
-                    f"{b} smiled, and they played with the {thing} together.",
-                ]
+                s += [f'"No, it is mine!" said {a}.', f"{b} was sad and went home.",
+                      f'Later, {a} felt bad. {He} went to {b} and said, "I am sorry. Let\'s play together."',
+                      f"{b} smiled, and they played with the {thing} together."]
         elif plot == 2:  # the pet runs away
-            s += [
-                f"One day, the {pet} ran away to the {place2}.",
-                f'{a} ran after it and called, "Come back!"',
-                f"{He} found the {pet} {hide}.",
-                f"The {pet} was scared, so {a} gave it a big hug.",
-                f"Then {a} and the {pet} went home together.",
-            ]
+            s += [f"One day, the {pet} ran away to the {place2}.", f'{a} ran after it and called, "Come back!"',
+                  f"{He} found the {pet} {hide}.", f"The {pet} was scared, so {a} gave it a big hug.",
+                  f"Then {a} and the {pet} went home together."]
         else:  # rain
-            s += [
-                f"{a} and {b} wanted to go to the {place2}, but it started to rain.",
-                f"{a} was sad.",
-                f'{b} said, "Let\'s play inside!"',
-                f"They made a {rng.choice(['fort', 'tower', 'boat'])} out of boxes and played with the {thing}.",
-                "Soon the sun came out, and they ran outside.",
-            ]
-        s.append(
-            rng.choice(
-                [
-                    "The end.",
-                    f"From that day on, {a} was never sad again.",
-                    f"{a} learned that friends help each other.",
-                    f"That night, {a} went to bed happy.",
-                ]
-            )
-        )
+            s += [f"{a} and {b} wanted to go to the {place2}, but it started to rain.", f"{a} was sad.",
+                  f'{b} said, "Let\'s play inside!"',
+                  f"They made a {rng.choice(['fort', 'tower', 'boat'])} out of boxes and played with the {thing}.",
+                  "Soon the sun came out, and they ran outside."]
+        s.append(rng.choice(["The end.", f"From that day on, {a} was never sad again.",
+                             f"{a} learned that friends help each other.", f"That night, {a} went to bed happy."]))
         stories.append(" ".join(s))
+    # fmt: on
     return stories
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# writing shards
-
-
-def source_settings(args):
-    """What the shards are made of: an out dir is only continued with the same."""
-    source = dict(
-        text_field=args.text_field, shard_size=args.shard_size, max_tokens=args.max_tokens, prefix=args.prefix
-    )
-    if args.data_files:  # local files as found, remote ones as given: a rerun does not list the hub again
-        source["data_files"] = [f for p in args.data_files for f in ([p] if is_remote(p) else local_files(p))]
-    else:
-        source.update(dataset=args.dataset, name=args.name, split=args.split, revision=args.revision)
-    return source
-
-
-def describe_write_error(e, out_dir, needed_bytes):
-    """What went wrong in a write, in words; a full disk (numpy reports it as "N requested and M written") with how
-    much room is left and needed."""
-    free = shutil.disk_usage(out_dir).free if os.path.isdir(out_dir) else None
-    if e.errno == errno.ENOSPC or (free is not None and free < needed_bytes):
-        return f"the disk holding {out_dir} is full ({free / 1e6:,.1f} MB free, {needed_bytes / 1e6:,.1f} MB needed)"
-    return first_line(e)
-
-
-def check_out_dir(out_dir):
-    """Fail before any downloading or tokenizing if the shards could not be written; create nothing yet."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"--out-dir {out_dir} is a file, not a directory")
-    existing = os.path.abspath(out_dir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"cannot create --out-dir {out_dir}: {existing} is a file")
-    probe = os.path.join(existing, f".write-test.{os.getpid()}.tmp")
-    try:
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to --out-dir {out_dir}: {e.strerror} ({existing})") from e
-
-
-def write_json_atomic(path, obj):
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=1)
-
-
-def read_manifest(out_dir):
-    path = os.path.join(out_dir, MANIFEST)
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-        if not isinstance(manifest["source"], dict) or not isinstance(manifest["complete"], bool):
-            raise TypeError("source or complete of the wrong type")
-        for shard in manifest["shards"]:
-            types = dict(file=str, split=str, tokens=int, next=list, sha256=str)
-            if not all(isinstance(shard[key], t) for key, t in types.items()) or len(shard["next"]) != 2:
-                raise TypeError(f"shard entry {shard!r:.80} is incomplete")
-            position = shard.get("next_position", [0, 0])  # older manifests have none
-            if not (isinstance(position, list) and len(position) == 2 and all(isinstance(i, int) for i in position)):
-                raise TypeError(f"shard entry {shard['file']} has a bad next_position")
-        if not isinstance(manifest.get("files", []), list):
-            raise TypeError("files is not a list")
-        return manifest
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise UserError(
-            f"{path} is damaged ({first_line(e)}): the shards cannot be checked or continued without it; "
-            "restore it, or start over in another --out-dir"
-        ) from e
-
-
-def input_fingerprint(files):
-    """Size and modification time of each local input: a corpus edited between a kill and the rerun is noticed."""
-    return [dict(file=f, size=os.path.getsize(f), mtime_ns=os.stat(f).st_mtime_ns) for f in files if not is_remote(f)]
-
-
-def load_manifest(out_dir, source):
-    """The manifest of an earlier run with the same settings, or None; refuses an out dir made otherwise."""
-    path = os.path.join(out_dir, MANIFEST)
-    if os.path.exists(path):
-        manifest = read_manifest(out_dir)
-        for key in sorted(set(source) | set(manifest["source"])):
-            if manifest["source"].get(key) != source.get(key):
-                raise UserError(
-                    f"{out_dir} holds shards made with {key}={manifest['source'].get(key)!r}, not {source.get(key)!r}: "
-                    "use another --out-dir, or delete this one to start over"
-                )
-        for shard in manifest["shards"] if not manifest["complete"] else []:
-            path = os.path.join(out_dir, shard["file"])
-            if not os.path.isfile(path) or os.path.getsize(path) < 2 * shard["tokens"]:
-                raise UserError(
-                    f"{path}, a finished shard, is missing or cut short: continuing would leave a gap; "
-                    "restore it, or start over in another --out-dir"
-                )
-        for was, now in zip(manifest.get("inputs", []), input_fingerprint(source.get("data_files", []))):
-            if was != now and not manifest["complete"]:
-                raise UserError(
-                    f"{now['file']} changed since {out_dir} was started (size {was['size']:,} -> "
-                    f"{now['size']:,} bytes, or its modification time): the shards so far hold the old text; "
-                    "restore the file, or start over in another --out-dir"
-                )
-        return manifest
-    if os.path.isdir(out_dir) and any(n.endswith(".npy") for n in os.listdir(out_dir)):
-        raise UserError(f"{out_dir} holds .npy files but no {MANIFEST}: use an empty --out-dir")
-    return None
-
-
-class ShardWriter:
-    """Fills shards from the document stream. Every finished shard is written to a temporary file, renamed into
-    place, then recorded in the manifest together with where the next shard starts: as (document, token offset), and
-    as (file, row) in the input files."""
-
-    def __init__(self, out_dir, manifest):
-        self.out_dir, self.manifest = out_dir, manifest
-        self.shard_size = manifest["source"]["shard_size"]
-        self.buffer = np.empty(self.shard_size, dtype=np.uint16)
-        self.fill = 0
-        self.first_document = None
-
-    @property
-    def split(self):
-        return "val" if len(self.manifest["shards"]) == 0 else "train"
-
-    def flush(self, next_document, next_offset, last_document, next_position):
-        index = len(self.manifest["shards"])
-        name = f"{self.manifest['source']['prefix']}_{self.split}_{index:06d}.npy"
-        path = os.path.join(self.out_dir, name)
-        try:
-            os.makedirs(self.out_dir, exist_ok=True)  # only now: a run that never gets data leaves no empty folder
-            with atomic_write(path) as f:
-                np.save(f, self.buffer[: self.fill])
-        except OSError as e:
-            raise UserError(
-                f"{describe_write_error(e, self.out_dir, 2 * self.shard_size)} while writing {path}: the partial shard "
-                f"was removed, the {index} finished shards and {MANIFEST} are intact; run again to continue"
-            ) from e
-        self.manifest["shards"].append(
-            dict(
-                file=name,
-                split=self.split,
-                tokens=self.fill,
-                first_document=self.first_document,
-                last_document=last_document,
-                next=[next_document, next_offset],
-                next_position=list(next_position),
-                sha256=sha256_file(path),
-            )
-        )
-        try:
-            write_json_atomic(os.path.join(self.out_dir, MANIFEST), self.manifest)
-        except OSError as e:
-            raise UserError(
-                f"{describe_write_error(e, self.out_dir, 1_000_000)} while writing {MANIFEST} in {self.out_dir}: "
-                f"it still lists the {index} shards before {name}; run again to continue (that shard is rewritten)"
-            ) from e
-        self.fill = 0
-        self.first_document = None
-
-
-def tokenize_to_shards(args, files, manifest, progress, retry):
-    """Write shards until max_tokens train tokens or the end of the corpus; returns the documents read."""
-    writer = ShardWriter(args.out_dir, manifest)
-    last = manifest["shards"][-1] if manifest["shards"] else dict(next=[0, 0], next_position=[0, 0])
-    doc_index, offset = last["next"]
-    # the file and row to start at; a manifest written before positions were recorded has the documents skipped
-    start, skip = (tuple(last["next_position"]), 0) if "next_position" in last else ((0, 0), doc_index)
-    train_written = sum(s["tokens"] for s in manifest["shards"] if s["split"] == "train")
-    if train_written >= args.max_tokens:  # killed after the last shard, before the manifest said complete
-        return doc_index + (offset > 0)
-    batches = read_ahead(document_batches(files, args.text_field, start, retry), 4 * args.workers + 4, retry.stop.set)
-    documents = tokenized_documents(batches, args.workers)
-    with contextlib.closing(documents), contextlib.closing(batches):  # on any exit, the reader thread stops too
-        for (file, row), doc in documents:
-            if skip:
-                skip -= 1
-                continue
-            pos = offset  # a resumed run skips what the previous shard already holds of this document
-            offset = 0
-            while pos < len(doc):
-                if writer.split == "val" and writer.fill > 0 and writer.fill + len(doc) > writer.shard_size:
-                    writer.flush(doc_index, 0, doc_index - 1, (file, row))  # the val shard holds whole documents only
-                    continue
-                if writer.first_document is None:
-                    writer.first_document = doc_index
-                take = min(len(doc) - pos, writer.shard_size - writer.fill)
-                if writer.split == "train":
-                    take = min(take, args.max_tokens - train_written)
-                    train_written += take
-                writer.buffer[writer.fill : writer.fill + take] = doc[pos : pos + take]
-                writer.fill += take
-                pos += take
-                progress.update(take)
-                if train_written == args.max_tokens:
-                    writer.flush(doc_index, pos, doc_index, (file, row))
-                    return doc_index + 1
-                if writer.fill == writer.shard_size:
-                    done = pos == len(doc)
-                    writer.flush(doc_index + done, 0 if done else pos, doc_index, (file, row + done))
-            doc_index += 1
-            if doc_index % 1000 == 0:
-                docs_per_sec = doc_index / max(progress.format_dict["elapsed"], 1e-9)
-                progress.set_postfix(docs=f"{doc_index:,}", docs_per_s=f"{docs_per_sec:,.0f}", refresh=False)
-    if writer.fill > 0:
-        writer.flush(doc_index, 0, doc_index - 1, (len(files), 0))
-    if not manifest["shards"]:
-        source = ", ".join(files) if len(files) < 4 else f"{files[0]} and {len(files) - 1} more files"
-        raise UserError(f"empty corpus: {source} holds no documents")
-    return doc_index
-
-
-def input_files(args, source, retry):
-    if args.data_files:
-        files = list_files(source["data_files"], retry)
-    else:
-        files = hub_files(args.dataset, args.revision, retry, config=args.name, split=args.split)
-    if not files:
-        raise UserError(f"{args.dataset} ({args.name}, {args.split}) lists no files")
-    file_format(files)
-    return files
-
-
-def verify(out_dir):
-    """Check every shard against the manifest; returns the number of shards, or raises naming the first bad file."""
-    if not os.path.exists(os.path.join(out_dir, MANIFEST)):
-        raise UserError(f"no {MANIFEST} in {out_dir}: nothing to verify")
-    manifest = read_manifest(out_dir)
-    for shard in manifest["shards"]:
-        file = os.path.join(out_dir, shard["file"])
-        if not os.path.exists(file):
-            raise UserError(f"verify failed: {file} is missing")
-        try:
-            tokens = np.load(file, mmap_mode="r")
-        except Exception as e:
-            raise UserError(f"verify failed: {file} is not a readable .npy file ({first_line(e)})") from e
-        if tokens.dtype != np.uint16 or tokens.ndim != 1:
-            raise UserError(f"verify failed: {file} holds {tokens.dtype} {tokens.shape}, expected uint16 (N,)")
-        if len(tokens) != shard["tokens"]:
-            raise UserError(
-                f"verify failed: {file} holds {len(tokens):,} tokens, the manifest says {shard['tokens']:,}"
-            )
-        if sha256_file(file) != shard["sha256"]:
-            raise UserError(f"verify failed: {file} does not match its sha256 in the manifest")
-        try:
-            check_token_ids(tokens, file)
-        except UserError as e:
-            raise UserError(f"verify failed: {e}") from e
-    return manifest
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.verify:
-        manifest = verify(args.out_dir)
-        tokens = sum(s["tokens"] for s in manifest["shards"])
-        state = "complete" if manifest["complete"] else "incomplete: run again to continue"
-        print(f"ok: {len(manifest['shards'])} shards, {tokens:,} tokens match {MANIFEST} ({state})")
-        return
-    check_out_dir(args.out_dir)
-    retry = Retry(args.retries, args.retry_wait, then="the finished shards are kept: run again to continue")
-    source = source_settings(args)
-    manifest = load_manifest(args.out_dir, source)
-    if manifest is None:  # a new run: the list of files is fixed once, here, and kept in the manifest
-        files = input_files(args, source, retry)
-        manifest = dict(source=source, files=files, inputs=input_fingerprint(files), shards=[], complete=False)
-    if manifest["complete"]:
-        print(f"{args.out_dir} is complete ({len(manifest['shards'])} shards); --verify checks it")
-        return
-    for name in os.listdir(args.out_dir) if os.path.isdir(args.out_dir) else []:
-        if re.match(rf"^({re.escape(args.prefix)}_(val|train)_\d{{6}}\.npy|{re.escape(MANIFEST)})\.\d+\.tmp$", name):
-            # a shard or manifest left half-written by a killed run (atomic_write's name for it)
-            os.remove(os.path.join(args.out_dir, name))
-
-    t0 = time.time()
-    done = sum(s["tokens"] for s in manifest["shards"])
-    with tqdm(initial=done, unit="tok", unit_scale=True, smoothing=0.1, desc="tokenizing") as progress:
-        files = manifest.get("files") or input_files(args, source, retry)  # older manifests have no list
-        documents = tokenize_to_shards(args, files, manifest, progress, retry)
-    manifest["complete"] = True
-    manifest["documents"] = documents
-    manifest["tokens"] = sum(s["tokens"] for s in manifest["shards"])
-    write_json_atomic(os.path.join(args.out_dir, MANIFEST), manifest)
-    seconds = time.time() - t0
-    n_train = sum(s["split"] == "train" for s in manifest["shards"])
-    print(
-        f"done: {documents:,} documents, {manifest['tokens']:,} tokens in {len(manifest['shards'])} shards "
-        f"(1 val, {n_train} train) under {args.out_dir}, {seconds:.1f} s, "
-        f"{(manifest['tokens'] - done) / seconds:,.0f} tokens/s"
-    )
-    if n_train == 0:
-        print(
-            "warning: the corpus ended inside the val shard, so there are no train shards: use a smaller --shard-size"
-        )
 
 
 if __name__ == "__main__":

@@ -17,24 +17,23 @@ import json
 import os
 import random
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
-from model import GPT2_VOCAB_SIZE
+from checkpoint import broadcast_from_rank0, load_model
+from http_files import HTTPFile, Retry
+from model import GPT2_VOCAB_SIZE, autocast, exact_fp32_matmul
 from utils import (
-    HTTPFile,
-    Retry,
     UserError,
     atomic_write,
-    autocast,
+    check_flags,
     check_output_path,
     config_parser,
-    exact_fp32_matmul,
     get_tokenizer,
-    load_model,
     run_cli,
     setup_distributed,
     teardown_distributed,
@@ -79,6 +78,18 @@ def download(cache_dir, url=URL, retry=None):
     except OSError as e:
         raise UserError(f"cannot save HellaSwag in --cache-dir {cache_dir}: {e.strerror}") from e
     return path
+
+
+def examples_on_every_rank(data_file, limit, master_process, device):
+    """The examples for a training run, read (and downloaded once) by rank 0 alone and sent to every rank: nodes need
+    no shared filesystem. None on every rank, with one warning, when the file cannot be had."""
+    examples = None
+    if master_process:
+        try:
+            examples = load_examples(data_file or download(Config.cache_dir), limit)
+        except UserError as e:
+            print(f"warning: HellaSwag is skipped: {e}", file=sys.stderr)
+    return broadcast_from_rank0(examples, device)
 
 
 def load_examples(path, limit=0):
@@ -277,10 +288,8 @@ def format_table(results, name):
 
 def main(argv=None):
     args = Config(**vars(config_parser(Config, __doc__).parse_args(argv)))
-    if args.batch_size < 1 or args.limit < 0:
-        raise UserError(
-            f"--batch-size must be at least 1 and --limit 0 or more, got {args.batch_size} and {args.limit}"
-        )
+    check_flags(args, "at least 1", lambda v: v >= 1, "batch_size")
+    check_flags(args, "0 or more", lambda v: v >= 0, "limit")
     if args.out:
         check_output_path(args.out, "--out")
     device, ddp_rank, _, ddp_world_size = setup_distributed(args.device)

@@ -7,6 +7,7 @@ References:
 Parameter names follow transformers (transformer.h.0.attn.c_attn.weight, ...) so weights move both ways.
 """
 
+import contextlib
 import inspect
 import json
 import os
@@ -24,7 +25,9 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # max sequence length
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64: faster matmuls
+    # GPT-2's 50,257 tokens padded to 50,304 = 64 x 786: matmul kernels run fastest on sizes that are multiples of
+    # 64, and the extra rows cost nothing (no token id points at them, so they only learn to be unlikely)
+    vocab_size: int = 50304
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -135,14 +138,17 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
+        # weight tying (as in GPT-2): one matrix turns token ids into vectors at the bottom and vectors into token
+        # scores at the top; tokens that mean alike should be alike at both ends, and it saves 38M parameters
+        self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
             std = 0.02
             if getattr(module, "RESIDUAL_SCALE_INIT", False):
-                # each block adds to the residual stream twice: keep its variance from growing with depth
+                # the projections that write into the residual stream: each block adds to it twice, so the stream's
+                # variance grows with depth; 1/sqrt(2 n_layer) keeps it where it started (GPT-2 paper, section 2.3)
                 std *= (2 * self.config.n_layer) ** -0.5
             torch.nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -356,6 +362,52 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+# Dense bf16 tensor-core peak (no sparsity) per GPU, for MFU, from the vendors' datasheets; the first name that
+# the device's name contains wins, so the specific variants come before the general ones. Unknown cards get no MFU.
+PEAK_BF16_FLOPS = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100 80GB HBM3", 989e12),  # H100 SXM
+    ("H100 SXM", 989e12),
+    ("GH200", 989e12),
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),  # H200 SXM
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("RTX 4090", 165e12),
+]
+
+
+def is_cuda(device):
+    return str(device).startswith("cuda")
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 matmuls are slow, MPS bf16 autocast is partial)."""
+    if is_cuda(device):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return torch.autocast(device_type="cpu", enabled=False)
+
+
+@contextlib.contextmanager
+def exact_fp32_matmul():
+    """Full-fp32 matmuls, whatever the caller set (training allows TF32): the same scores and samples in a run."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def peak_flops(device):
+    """The GPU's dense bf16 peak (FLOP/s) for MFU, or None on a CPU or a card not in PEAK_BF16_FLOPS."""
+    if not is_cuda(device):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for gpu, flops in PEAK_BF16_FLOPS if gpu in name), None)
 
 
 def _download_from_hub(name):

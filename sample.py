@@ -13,14 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
+from checkpoint import load_model
+from model import exact_fp32_matmul
 from utils import (
     EOT,
     UserError,
+    check_flags,
     check_output_path,
     config_parser,
-    exact_fp32_matmul,
     get_tokenizer,
-    load_model,
     pick_device,
     run_cli,
     write_json,
@@ -98,18 +99,20 @@ def generate_samples(model, enc, args, device, stream=None):
     return samples
 
 
+def texts(model, enc, prompt, num_samples, max_new_tokens, device):
+    """A training run's progress samples (top-k 50), drawn exactly as this script draws them."""
+    args = Config(prompt=prompt, num_samples=num_samples, max_new_tokens=max_new_tokens, top_k=50)
+    return [s["text"] for s in generate_samples(model, enc, args, device)]
+
+
 def main(argv=None):
     args = Config(**vars(config_parser(Config, __doc__).parse_args(argv)))
-    if args.num_samples < 1 or args.max_new_tokens < 1:
-        raise UserError("--num-samples and --max-new-tokens must be at least 1")
+    check_flags(args, "at least 1", lambda v: v >= 1, "num_samples", "max_new_tokens")
     # below 0.001 the scaled logits overflow; 0 is greedy
-    if not (args.temperature == 0 or 1e-3 <= args.temperature <= 100) or args.top_k < 0 or not 0 < args.top_p <= 1:
-        raise UserError(
-            "--temperature must be 0 (greedy) or from 0.001 to 100, --top-k >= 0 and --top-p in (0, 1]; "
-            f"got {args.temperature}, {args.top_k}, {args.top_p}"
-        )
-    if abs(args.seed) >= 2**40:
-        raise UserError(f"--seed must be below 2**40 in size, got {args.seed}")
+    check_flags(args, "0 (greedy) or from 0.001 to 100", lambda v: v == 0 or 1e-3 <= v <= 100, "temperature")
+    check_flags(args, "0 or more", lambda v: v >= 0, "top_k")
+    check_flags(args, "in (0, 1]", lambda v: 0 < v <= 1, "top_p")
+    check_flags(args, "below 2**40 in size", lambda v: abs(v) < 2**40, "seed")
     try:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError as e:

@@ -92,8 +92,8 @@ def tiny_checkpoint(tmp_path):
     """Writes a checkpoint of a small random GPT (padded 50304 vocabulary) in train.py's format; returns its path."""
     from dataclasses import asdict
 
+    from checkpoint import save_checkpoint
     from model import GPT, GPTConfig
-    from utils import save_checkpoint
 
     def make(seed=0, block_size=256, **shape):
         torch.manual_seed(seed)
@@ -122,7 +122,7 @@ def tiny(data_dir, out_dir, *extra):
 
 
 def train_losses(out_dir):
-    from utils import read_log
+    from checkpoint import read_log
 
     return {r["step"]: r["train_loss"] for r in read_log(os.path.join(out_dir, "log.jsonl")) if "train_loss" in r}
 

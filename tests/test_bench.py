@@ -15,9 +15,9 @@ CHECKS = [
 ]
 
 
-def test_bench_gpu_quick_on_the_cpu_passes_every_check_and_writes_the_report(tmp_path):
+def test_bench_gpu_quick_on_the_cpu_passes_every_check_and_writes_the_report_with_a_profile(tmp_path):
     out = tmp_path / "r.json"
-    r = run_script("bench.py", "gpu", "--device", "cpu", "--quick", "--out", out, timeout=900)  # about 1 min alone
+    r = run_script("bench.py", "gpu", "--device", "cpu", "--quick", "--profile", "--out", out, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads(out.read_text())
     assert {"device", "tokens_per_sec", "mfu", "checks"} <= set(report)
@@ -30,3 +30,13 @@ def test_bench_gpu_quick_on_the_cpu_passes_every_check_and_writes_the_report(tmp
     assert resume["killed_after_step"] < 19 and resume["max_abs_diff"] == 0.0  # on a CPU the resume is bit for bit
     assert report["checks"][3]["in_training"] == report["checks"][3]["hellaswag_py"]
     assert "7 checks" in r.stdout and "FAIL" not in r.stdout
+    # --profile: where the reference step's time goes, most first, as shares of the time measured
+    profile = reference["profile"]
+    assert profile["sort_by"] == "self_cpu_time_total" and profile["steps"] == 2 and profile["total_ms_per_step"] > 0
+    shares = [op["share"] for op in profile["top"]]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    names = [op["name"] for op in profile["top"]]
+    assert any(name in names for name in ("aten::mm", "aten::addmm", "aten::bmm")), names  # the matmuls show
+    assert all(op["calls"] >= 1 and op["self_ms_per_step"] > 0 for op in profile["top"])
+    assert "where a step's" in r.stdout and "the top 10:" in r.stdout
+    assert len(reference["variants"]) == 3 and "profile" not in reference["variants"][0]

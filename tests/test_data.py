@@ -120,17 +120,12 @@ def test_shuffle_keeps_a_document_cut_by_a_shard_boundary_in_one_piece(shard_dir
         assert unread == []
 
 
-def test_a_checkpoint_from_before_document_shuffling_is_refused(shard_dir):
+def test_a_state_of_other_settings_is_refused(shard_dir):
     shard_dir("train", [50, 61, 70])
     loader = ShardedDataLoader(shard_dir.dir, "train", B=2, T=8, shuffle=True, seed=7)
-    state = loader.state_dict()
-    del state["shuffle_documents"]
-    with pytest.raises(UserError, match="shuffle_documents was False, is now True"):
-        loader.load_state_dict(state)
-    unshuffled = ShardedDataLoader(shard_dir.dir, "train", B=2, T=8)
-    state = unshuffled.state_dict()
-    del state["shuffle_documents"]
-    unshuffled.load_state_dict(state)  # nothing changed for unshuffled runs
+    for key, value in dict(shuffle=False, seed=8, epoch_tokens=180).items():
+        with pytest.raises(UserError, match=f"{key} was {value!r}, is now"):
+            loader.load_state_dict(dict(loader.state_dict(), **{key: value}))
 
 
 def test_state_round_trip_resumes_at_the_next_batch(shard_dir):

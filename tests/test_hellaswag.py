@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import hellaswag
+from checkpoint import load_model
 from conftest import run_script, torchrun
 from hellaswag import synthetic_examples
-from utils import UserError, get_tokenizer, load_model
+from utils import UserError, get_tokenizer
 
 
 @pytest.fixture
@@ -201,8 +202,8 @@ def test_script_errors_are_one_line(tmp_path, data_file):
 
 
 def test_download_once_retrying_faults_and_offline_message(tmp_path, data_file):
+    from http_files import Retry
     from loopback_http import LoopbackServer
-    from utils import Retry
 
     (tmp_path / "www").mkdir()
     shutil.copy(data_file, tmp_path / "www" / "hellaswag_val.jsonl")

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from checkpoint import export_model
 from model import GPT, GPT2_VOCAB_SIZE, MODEL_SIZES, GPTConfig, sample_next_token
-from utils import export_model
 
 
 def tiny_config(**kw):

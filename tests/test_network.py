@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_script
+from http_files import HTTPFile, Retry
 from loopback_http import LoopbackServer
-from utils import HTTPFile, Retry, UserError, load_script
+from utils import UserError, load_script
 
 DOWNLOADER = "download-fineweb-edu.py"
 WORDS = "the of and to in is was for on that with as by at from it an be this which or are have not had".split()

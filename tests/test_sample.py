@@ -7,8 +7,9 @@ import torch
 
 import model as model_module
 import sample
+from checkpoint import load_model
 from conftest import run_script
-from utils import EOT, get_tokenizer, load_model
+from utils import EOT, get_tokenizer
 
 
 def sample_json(ckpt, tmp_path, *args, name="out.json"):
@@ -113,7 +114,7 @@ def test_errors_are_one_line(tiny_checkpoint, tmp_path):
         (["--model", tmp_path / "nope.pt"], f"error: checkpoint {tmp_path / 'nope.pt'} does not exist"),
         (
             ["--model", ckpt, "--top-p", "0"],
-            "error: --temperature must be 0 (greedy) or from 0.001 to 100, --top-k >= 0 and --top-p in (0, 1]",
+            "error: --top-p must be in (0, 1], got 0.0",
         ),
         (["--model", ckpt, "--prompt", ""], "error: --prompt is empty"),
     ]

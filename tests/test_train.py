@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import train
+from checkpoint import load_checkpoint, read_log, save_checkpoint
 from conftest import ROOT, free_port, run_script, tiny, torchrun, torchrun_node, train_losses
-from utils import load_checkpoint, read_log, save_checkpoint
 
 
 def run_train(*args, **kw):
@@ -89,7 +89,7 @@ def test_log_checkpoints_samples_plot_and_export(data_dir, tmp_path):
 
     from transformers import GPT2LMHeadModel
 
-    from utils import load_model
+    from checkpoint import load_model
 
     hf_model = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     ours = load_model(str(out / "ckpt_000020.pt"))
@@ -298,7 +298,7 @@ def png_width(path):
 def test_the_plot_draws_hellaswag_only_when_evaluated_and_gpt2s_val_loss_only_on_fineweb(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from utils import plot_log
+    from misc.plot_log import plot_log
 
     lines = []
     real_axhline = matplotlib.axes.Axes.axhline

@@ -1,0 +1,446 @@
+"""
+What keeps a run alive: checkpoints (written atomically, pruned, loaded), the decision where a run starts or resumes,
+the out-dir lock, the stop signal, the RNG state, a log that survives kills, errors that stop every rank, and models
+loaded from checkpoints of ours, nanoGPT's, build-nanogpt's or transformers' for sample.py and hellaswag.py.
+"""
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import GPT, MODEL_SIZES, GPTConfig, is_cuda
+from utils import UserError, atomic_write, first_line, gpt2_bpe_files, remove_leftovers, write_json
+
+CHECKPOINT_NAME = re.compile(r"^ckpt_(\d{6,})\.pt$")
+# settings a checkpoint cannot continue under; any other change on --resume is allowed and logged
+FIXED_ON_RESUME = ("n_layer", "n_head", "n_embd", "seq_len", "total_batch")
+RESUME_KEYS = ("model", "optimizer", "model_config", "config", "step", "train_loader", "rng")
+
+# ----------------------------------------------------------------------------------------------------------------
+# where a run starts
+
+
+@dataclass
+class Start:
+    """Where a run begins: at step 0 (checkpoint None) or from the newest checkpoint that loads."""
+
+    path: str = None  # the checkpoint's file
+    checkpoint: dict = None  # its contents
+    damaged: list = field(default_factory=list)  # names of checkpoints that did not load: never pruned
+    finished: bool = False  # the checkpoint is at --max-steps and the log says the run finished
+
+
+def find_start(config):
+    """Where this run starts, from the checkpoints in config.out_dir. Damaged checkpoints are skipped with a warning
+    and never deleted; if none loads, the run is refused."""
+    paths = list_checkpoints(config.out_dir)
+    if paths and not config.resume:
+        raise UserError(
+            f"{config.out_dir} holds checkpoints of an earlier run: "
+            "pass --resume to continue it, or choose another --out-dir"
+        )
+    if config.resume and not paths:
+        print(f"note: --resume: {config.out_dir} holds no checkpoint yet, so this run starts at step 0")
+    start = Start()
+    for path in reversed(paths):  # the newest first
+        try:
+            start.checkpoint, start.path = check_resumable(load_checkpoint(path), path), path
+            break
+        except UserError as e:
+            print(f"warning: skipping {path}: {e}", file=sys.stderr)
+            start.damaged.append(os.path.basename(path))
+    if paths and start.checkpoint is None:
+        raise UserError(
+            f"no checkpoint in {config.out_dir} can be read ({', '.join(start.damaged)}); nothing was deleted: "
+            "restore one, or start over in another --out-dir"
+        )
+    if start.checkpoint is not None:
+        step, saved = start.checkpoint["step"], start.checkpoint["config"]
+        if step > config.max_steps:
+            raise UserError(
+                f"{start.path} is at step {step}, past --max-steps {config.max_steps}: "
+                "give a larger --max-steps to go on"
+            )
+        fixed = [k for k in FIXED_ON_RESUME if saved.get(k) != getattr(config, k)]
+        if fixed:
+            was = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)}" for k in fixed)
+            now = ", ".join(f"--{k.replace('_', '-')} {getattr(config, k)}" for k in fixed)
+            raise UserError(
+                f"{start.path} was trained with {was}; this run asks for {now}: resume with the checkpoint's settings"
+            )
+        log_path = os.path.join(config.out_dir, "log.jsonl")
+        if step >= config.max_steps and os.path.exists(log_path):
+            start.finished = any(r.get("event") == "finished" and r.get("step") == step for r in read_jsonl(log_path))
+    return start
+
+
+def find_start_on_every_rank(config, master_process, device):
+    """Rank 0 decides where the run starts and sends the checkpoint to every rank: other nodes need not see its disk."""
+    start = all_ranks_agree(lambda: vars(find_start(config)) if master_process else None)
+    return Start(**broadcast_from_rank0(start, device))
+
+
+def check_resumable(checkpoint, path):
+    """A checkpoint of train.py's own, with everything a resume reads."""
+    missing = [k for k in RESUME_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise UserError(f"{path} is not a train.py checkpoint (no {', '.join(missing)})")
+    return checkpoint
+
+
+def restore(start, model, optimizer, train_loader, device):
+    """Put the checkpoint's weights, optimizer state, data position and RNG states in place; returns its step."""
+    checkpoint = start.checkpoint
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"{start.path}: its weights do not fit this model ({first_line(e)[:200]})") from e
+    all_ranks_agree(lambda: train_loader.load_state_dict(checkpoint["train_loader"]))
+    set_rng_states(checkpoint["rng"], device)
+    return checkpoint["step"]
+
+
+def take_out_dir(out_dir):
+    """Lock out_dir for this run and clear what a killed run left half-written. A second train.py on the same
+    directory is refused at once; the kernel drops the lock when its process ends, even by kill -9."""
+    import fcntl
+    import socket
+
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, "train.lock"), "a+")
+    except OSError as e:
+        raise UserError(f"cannot write to --out-dir {out_dir}: {e.strerror}") from e
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        lock.seek(0)
+        owner = lock.read().strip() or "owner unknown"
+        raise UserError(
+            f"{out_dir} is in use by another train.py ({owner}): wait for it, or choose another --out-dir"
+        ) from e
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    remove_leftovers(out_dir, r"ckpt_\d{6,}\.pt|loss\.png")  # a checkpoint cut short holds up to 1.5 GB for 124M
+    return lock
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def list_checkpoints(out_dir):
+    """Complete checkpoints in out_dir (ckpt_<step>.pt), oldest first."""
+    if not os.path.isdir(out_dir):
+        return []
+    found = sorted((int(m[1]), name) for name in os.listdir(out_dir) if (m := CHECKPOINT_NAME.match(name)))
+    return [os.path.join(out_dir, name) for _, name in found]
+
+
+def last_good_checkpoint(out_dir):
+    """What an error tells the user to resume from."""
+    paths = list_checkpoints(out_dir)
+    return paths[-1] if paths else "none"
+
+
+def save_checkpoint(path, state):
+    """torch.save through atomic_write: a crash mid-write leaves the previous checkpoints untouched."""
+    with atomic_write(path) as f:
+        torch.save(state, f)
+
+
+def write_checkpoint(out_dir, state, keep, damaged):
+    """ckpt_<step>.pt, then the oldest readable ones pruned down to the newest keep (0: all). Damaged files are never
+    pruned: they may sort newer than them all, and the user decides what to do with them."""
+    path = os.path.join(out_dir, f"ckpt_{state['step']:06d}.pt")
+    save_checkpoint(path, state)
+    damaged.discard(os.path.basename(path))  # replaced by a good one
+    if keep > 0:
+        readable = [p for p in list_checkpoints(out_dir) if os.path.basename(p) not in damaged]
+        for old in readable[:-keep]:
+            os.remove(old)
+    print(f"saved {path}")
+
+
+def load_checkpoint(path):
+    try:
+        with torch.serialization.safe_globals([(ForeignConfig, "__main__.GPTConfig")]):
+            # memory-mapped: pages are read as needed and shared by the processes of a node
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError as e:
+        raise UserError(f"checkpoint {path} does not exist") from e
+    except Exception as e:  # truncated or foreign files fail in the unpickler with many exception types
+        raise UserError(
+            f"cannot read checkpoint {path}: not a complete checkpoint ({type(e).__name__}: {first_line(e)[:200]})"
+        ) from e
+
+
+def check_loss(loss, norm, step, out_dir):
+    """A NaN or infinite loss or gradient norm stops the run, pointing at the last good checkpoint."""
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise UserError(
+            f"step {step}: the train loss is {loss}, the gradient norm {norm}; stopped. The last good checkpoint is "
+            f"{last_good_checkpoint(out_dir)}: lower --max-lr or check the data, then --resume (if it fails again, "
+            "that checkpoint was already diverging: move it away to resume from the one before)"
+        )
+
+
+def check_weights(model, step, out_dir):
+    """A step can leave NaN or infinite weights behind a finite loss (a huge learning rate): never save those."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise UserError(
+            f"step {step}: the update left NaN or infinite weights; not saved. The last good checkpoint is "
+            f"{last_good_checkpoint(out_dir)}: lower --max-lr, then --resume"
+        )
+
+
+def rng_states(device):
+    """Every random generator's state, so that a resumed run draws what the uninterrupted one would have."""
+    np_state = np.random.get_state()
+    states = dict(python=random.getstate(), numpy=(np_state[0], np_state[1].tolist(), *np_state[2:]),
+                  torch=torch.get_rng_state())  # fmt: skip
+    if is_cuda(device):
+        states["cuda"] = torch.cuda.get_rng_state(device)  # this GPU's only: a resume may see fewer or more GPUs
+    return states
+
+
+def set_rng_states(states, device):
+    random.setstate(states["python"])
+    np.random.set_state((states["numpy"][0], np.array(states["numpy"][1], dtype=np.uint32), *states["numpy"][2:]))
+    torch.set_rng_state(states["torch"].cpu())
+    if is_cuda(device) and "cuda" in states:  # a checkpoint written on a CPU has none
+        torch.cuda.set_rng_state(states["cuda"].cpu(), device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run's log: one JSON object per line
+
+
+def append_jsonl(path, record):
+    """Append one record. A line cut short by a kill is ended first, so the new record starts a line of its own."""
+    with open(path, "a+b") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((json.dumps(record) + "\n").encode())
+
+
+def read_jsonl(path):
+    """The records of a .jsonl file; a line that does not parse (the last one, cut short by a kill) is skipped."""
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def read_log(path):
+    """log.jsonl's step records merged per step; where a resumed run logged a step again, its record wins."""
+    steps = {}
+    for record in read_jsonl(path):
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and "event" not in record:
+            steps.setdefault(record["step"], {}).update(record)
+    return [steps[s] for s in sorted(steps)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stopping and failing together
+
+
+class StopSignal:
+    """SIGTERM (how SLURM and Kubernetes stop a job) or Ctrl-C: the run finishes its step, writes a checkpoint and
+    exits; a second signal ends it at once. Caught while in a with block."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, signal.SIG_DFL)  # the second one is not caught
+        name = signal.Signals(signum).name
+        print(f"{name}: stopping after this step with a checkpoint (send it again to stop at once)", file=sys.stderr)
+
+    def agreed(self, device):
+        """The signal any rank received (0: none), the same on every rank, so that all stop after the same step."""
+        signum = torch.tensor(self.signum or 0, device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        return int(signum.item())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):  # the handlers from before
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def all_ranks_agree(fn):
+    """fn() on every rank. If it raises a UserError on any rank, every rank raises it (naming the rank): a rank that
+    stopped alone would leave the others waiting in their next collective."""
+    try:
+        result, error = fn(), None
+    except UserError as e:
+        result, error = None, str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+        if failed:
+            rank, e = failed[0]
+            raise UserError(e if rank == dist.get_rank() or error == e else f"rank {rank}: {e}")
+    elif error is not None:
+        raise UserError(error)
+    return result
+
+
+def broadcast_from_rank0(obj, device):
+    """Rank 0's obj (nested dicts, lists and tuples of tensors and plain values) on every rank, so that nothing rank 0
+    read from its disk has to be on the others'. The structure travels pickled; each tensor on its own through the
+    process group, onto device: no rank builds a second copy of a checkpoint in RAM."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    tensors = []
+
+    def skeleton(x):
+        if isinstance(x, torch.Tensor):
+            tensors.append(x)
+            return ("__tensor__", len(tensors) - 1, tuple(x.shape), x.dtype)
+        if isinstance(x, dict):
+            return {k: skeleton(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(skeleton(v) for v in x)
+        return x
+
+    holder = [skeleton(obj) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(holder, src=0, device=torch.device(device) if is_cuda(device) else None)
+    comm_device = device if dist.get_backend() == "nccl" else "cpu"
+
+    def fill(x):
+        if isinstance(x, tuple) and len(x) == 4 and x[0] == "__tensor__":
+            _, i, shape, dtype = x
+            if dist.get_rank() == 0:
+                t = tensors[i].to(comm_device).contiguous()  # a collective needs dense memory
+            else:
+                t = torch.empty(shape, dtype=dtype, device=comm_device)
+            dist.broadcast(t, src=0)
+            return t
+        if isinstance(x, dict):
+            return {k: fill(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(fill(v) for v in x)
+        return x
+
+    return fill(holder[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# models from checkpoints, for sample.py, hellaswag.py and --export
+
+
+class ForeignConfig:
+    """Stands in for build-nanogpt's GPTConfig dataclass, which its checkpoints pickle as __main__.GPTConfig: while
+    unpickling, its fields land here and none of that script's code runs."""
+
+
+def newest_checkpoint_in(directory):
+    """The checkpoint a directory holds: ours (ckpt_NNNNNN.pt, the newest), nanoGPT's ckpt.pt, or build-nanogpt's
+    model_NNNNN.pt (the newest)."""
+    ours = list_checkpoints(directory)
+    if ours:
+        return ours[-1]
+    if os.path.isfile(os.path.join(directory, "ckpt.pt")):
+        return os.path.join(directory, "ckpt.pt")
+    build_nanogpt = sorted((int(m[1]), m[0]) for n in os.listdir(directory) if (m := re.match(r"^model_(\d+)\.pt$", n)))
+    if build_nanogpt:
+        return os.path.join(directory, build_nanogpt[-1][1])
+    raise UserError(
+        f"{directory} holds no checkpoint (ckpt_NNNNNN.pt, nanoGPT's ckpt.pt, build-nanogpt's model_NNNNN.pt) "
+        "and no config.json"
+    )
+
+
+def model_from_checkpoint(ckpt, path):
+    """A GPT from one of our checkpoints, nanoGPT's (model_args; exact GELU, maybe no biases; compiled models save
+    keys with an _orig_mod. prefix) or build-nanogpt's (config, a GPT-2 shape with tanh GELU)."""
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"{path} is not a model checkpoint: it has no 'model' weights")
+    shape_keys = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
+    if "model_config" in ckpt:  # ours
+        config = GPTConfig(**ckpt["model_config"])
+    elif "model_args" in ckpt:  # nanoGPT
+        args = ckpt["model_args"]
+        config = GPTConfig(**{k: args[k] for k in shape_keys}, bias=bool(args.get("bias", True)), gelu="exact")
+    elif "config" in ckpt and hasattr(ckpt["config"], "n_layer"):  # build-nanogpt
+        config = GPTConfig(**{k: vars(ckpt["config"])[k] for k in shape_keys})
+    else:
+        raise UserError(f"{path}: not a checkpoint of this repo, nanoGPT or build-nanogpt (no model shape in it)")
+    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    # nanoGPT without flash attention keeps its causal mask as a buffer: not a weight
+    state = {k: v for k, v in state.items() if not k.endswith(".attn.bias") or v.dim() != 4}
+    model = GPT(config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path}: the weights do not fit the model shape it names ({first_line(e)[:200]})") from e
+    return model
+
+
+def load_model(spec, device="cpu"):
+    """A GPT in eval mode from: a checkpoint file of ours, nanoGPT's or build-nanogpt's (.pt), a directory holding
+    them (the newest), a directory written by transformers' save_pretrained, or a Hugging Face name (gpt2,
+    gpt2-medium, gpt2-large, gpt2-xl)."""
+    if os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "config.json")):
+        spec = newest_checkpoint_in(spec)
+    if spec.endswith(".pt"):
+        model = model_from_checkpoint(load_checkpoint(spec), spec)
+    elif os.path.isdir(spec) or spec in MODEL_SIZES:
+        try:
+            model = GPT.from_pretrained(spec)
+        except (RuntimeError, ValueError, OSError) as e:  # said in words by from_pretrained
+            raise UserError(str(e)) from e
+        except Exception as e:  # a damaged config.json or weights file fails in many ways
+            raise UserError(f"cannot load {spec}: {type(e).__name__}: {first_line(e)[:300]}") from e
+    else:
+        raise UserError(
+            f"no model {spec!r}: give a checkpoint .pt, an out dir, a transformers directory "
+            f"or one of {', '.join(MODEL_SIZES)}"
+        )
+    return model.to(device).eval()
+
+
+def export_model(model, out_dir):
+    """A self-contained transformers directory: the model (GPT.export_hf) and GPT-2's tokenizer files."""
+    model.export_hf(out_dir)
+    save_hf_tokenizer(out_dir, model.config.block_size)
+
+
+def save_hf_tokenizer(out_dir, context):
+    """GPT-2's tokenizer files under transformers' names (vocab.json, merges.txt) in a model directory."""
+    files = gpt2_bpe_files()
+    if files is None:
+        return
+    shutil.copyfile(files["encoder.json"], os.path.join(out_dir, "vocab.json"))
+    shutil.copyfile(files["vocab.bpe"], os.path.join(out_dir, "merges.txt"))
+    special = "<|endoftext|>"
+    config = dict(tokenizer_class="GPT2Tokenizer", model_max_length=context, **dict.fromkeys(
+        ("bos_token", "eos_token", "unk_token"), special))  # fmt: skip
+    write_json(os.path.join(out_dir, "tokenizer_config.json"), config)
