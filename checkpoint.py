@@ -99,7 +99,8 @@ def check_resumable(checkpoint, path):
 
 
 def restore(start, model, optimizer, train_loader, device):
-    """Put the checkpoint's weights, optimizer state, data position and RNG states in place; returns its step."""
+    """Put the checkpoint's weights, optimizer state, data position and RNG states in place; returns its step and the
+    val loss last measured."""
     checkpoint = start.checkpoint
     try:
         model.load_state_dict(checkpoint["model"])
@@ -108,7 +109,7 @@ def restore(start, model, optimizer, train_loader, device):
         raise UserError(f"{start.path}: its weights do not fit this model ({first_line(e)[:200]})") from e
     all_ranks_agree(lambda: train_loader.load_state_dict(checkpoint["train_loader"]))
     set_rng_states(checkpoint["rng"], device)
-    return checkpoint["step"]
+    return checkpoint["step"], checkpoint.get("val_loss")
 
 
 def take_out_dir(out_dir):
@@ -209,7 +210,7 @@ def check_weights(model, step, out_dir):
 
 def rng_states(device):
     """Every random generator's state, so that a resumed run draws what the uninterrupted one would have."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state()  # its array as a list: checkpoints load with weights_only, which has no numpy
     states = dict(python=random.getstate(), numpy=(np_state[0], np_state[1].tolist(), *np_state[2:]),
                   torch=torch.get_rng_state())  # fmt: skip
     if is_cuda(device):
@@ -269,8 +270,7 @@ class StopSignal:
     exits; a second signal ends it at once. Caught while in a with block."""
 
     def __init__(self):
-        self.signum = None
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.signum, self.previous = None, {}
 
     def handle(self, signum, frame):
         self.signum = signum
@@ -286,6 +286,7 @@ class StopSignal:
         return int(signum.item())
 
     def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     def __exit__(self, *exc):  # the handlers from before

@@ -30,29 +30,35 @@ import json
 import multiprocessing as mp
 import os
 import re
+import select
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
 import urllib.parse
 import zlib
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 
 import numpy as np
 from tqdm import tqdm
 
 from http_files import HF_PATH, Retry, hub_files, is_remote, open_source, read_ahead
 from utils import (
+    EOT,
     UserError,
     atomic_write,
+    call_in_script,
     check_flags,
     check_token_ids,
     config_parser,
     first_line,
+    get_tokenizer,
     remove_leftovers,
     run_cli,
     sha256_file,
-    tokenize_documents,
     write_json,
 )
 
@@ -90,6 +96,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop_on_sigterm)  # as Ctrl-C: the tokenizer processes and reader stop too
     if args.verify:
         manifest = verify(args.out_dir)
         tokens = sum(s["tokens"] for s in manifest["shards"])
@@ -126,6 +134,14 @@ def main(argv=None):
         print(
             "warning: the corpus ended inside the val shard, so there are no train shards: use a smaller --shard-size"
         )
+
+
+def stop_on_sigterm(signum, frame):
+    """SIGTERM stops the download the way Ctrl-C does (exit status 143); a second one ends it at once."""
+    signal.signal(signum, signal.SIG_DFL)
+    stop = KeyboardInterrupt()
+    stop.signum = signum
+    raise stop
 
 
 def tokenize_to_shards(args, files, manifest, progress, retry):
@@ -529,41 +545,113 @@ def read_text(stream, name):
 # the tokenizer processes
 
 
-def tokenizer_pool(workers):
-    """Processes that tokenize. They are started by a fork server, never forked from this process: a fork copies the
-    locks of running threads (the read-ahead thread, pyarrow's, an HTTP client's) in whatever state they are in,
-    and a child that needs one waits forever."""
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["utils"])  # imported once in the server, shared by every worker it forks
-    # unlike multiprocessing.Pool, the executor notices a worker that dies (killed, out of memory): no hang
-    return ProcessPoolExecutor(workers, mp_context=context)
-
-
 def tokenized_documents(batches, workers):
     """((file index, row), tokens) of every document, in input order, tokenized in parallel. At most 2 batches per
     worker are in flight, so memory stays bounded however fast the input arrives; the order makes the output
     deterministic."""
-    with tokenizer_pool(workers) as pool:
+    with TokenizerPool(workers) as pool:
         pending = collections.deque()
+        for index, row, texts in batches:
+            pool.submit(texts)
+            pending.append((index, row))
+            if len(pending) == 2 * workers:
+                yield from split_documents(*pending.popleft(), *pool.result())
+        while pending:
+            yield from split_documents(*pending.popleft(), *pool.result())
+
+
+def split_documents(index, row, tokens, lengths):
+    ends = np.cumsum(lengths)
+    for i, (end, n) in enumerate(zip(ends.tolist(), lengths.tolist())):
+        yield (index, row + i), tokens[end - n : end]
+
+
+class TokenizerPool:
+    """Processes that tokenize, started by a fork server and never forked from this process: a fork copies the locks
+    of running threads (the read-ahead thread's, pyarrow's, an HTTP client's) in whatever state they are in, and a
+    child that needs one waits for ever. Job k goes to process k mod N and its result is read back from there, so the
+    results come in order. A process that dies is an error at once, never a wait; the processes end with the pool,
+    and on their own when this process is gone (even by kill -9)."""
+
+    def __init__(self, workers):
+        context = mp.get_context("forkserver")
+        context.set_forkserver_preload(["utils"])  # imported once in the server, shared by every process it forks
+        self.jobs, self.results, self.processes, self.sent, self.received = [], [], [], 0, 0
+        for _ in range(workers):
+            jobs, (results, child_end) = context.Queue(), context.Pipe(duplex=False)
+            jobs.cancel_join_thread()  # a process that died must not hold up this one's exit
+            args = ("download-fineweb-edu", "tokenizer_process", jobs, child_end, os.getpid())
+            process = context.Process(target=call_in_script, args=args, daemon=True, name="tokenizer")
+            process.start()
+            child_end.close()  # the process holds the only writing end now: its death is an end of file here
+            self.jobs.append(jobs), self.results.append(results), self.processes.append(process)
+
+    def submit(self, texts):
+        self.jobs[self.sent % len(self.jobs)].put(texts)  # sent by the queue's own thread: this never blocks
+        self.sent += 1
+
+    def result(self):
+        """The oldest job's (tokens, lengths)."""
+        i = self.received % len(self.jobs)
         try:
-            for index, row, texts in batches:
-                pending.append((index, row, pool.submit(tokenize_documents, texts)))
-                while len(pending) >= 2 * workers or (pending and pending[0][2].done()):
-                    yield from split_documents(*pending.popleft())
-            while pending:
-                yield from split_documents(*pending.popleft())
-        except BrokenProcessPool as e:
+            if self.results[i] not in wait([self.results[i], self.processes[i].sentinel]):
+                raise EOFError  # the process ended with no result ready
+            value = self.results[i].recv()  # EOFError too if it died halfway through sending
+        except (EOFError, OSError) as e:
             raise UserError(
                 "a tokenizer process died (killed, or out of memory?): the finished shards are kept; run again to "
                 "continue, with fewer --workers if memory is short"
             ) from e
+        self.received += 1
+        return value
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for process in self.processes:
+            process.terminate()  # they hold no state: whatever they were doing is not needed any more
+        for process in self.processes:
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for jobs, results in zip(self.jobs, self.results):
+            jobs.close()
+            results.close()
 
 
-def split_documents(index, row, future):
-    tokens, lengths = future.result()
-    ends = np.cumsum(lengths)
-    for i, (end, n) in enumerate(zip(ends.tolist(), lengths.tolist())):
-        yield (index, row + i), tokens[end - n : end]
+def tokenizer_process(jobs, results, parent_pid):
+    """A tokenizer process: texts in, (tokens, lengths) out, for as long as the downloader that started it lives."""
+    threading.Thread(target=exit_when_gone, args=(parent_pid,), daemon=True).start()
+    while True:
+        results.send(tokenize_documents(jobs.get()))
+
+
+def exit_when_gone(pid):
+    """End this process as soon as process pid ends, however it ends."""
+    try:
+        select.select([os.pidfd_open(pid)], [], [])  # Linux: readable when the process has ended
+    except (AttributeError, OSError):  # another system, or pid has already gone
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.5)
+    os._exit(1)
+
+
+def tokenize_documents(texts):
+    """The unit of work of the tokenizer processes: the texts as one uint16 array (each document is EOT followed by
+    its tokens), and each document's length."""
+    enc = get_tokenizer()
+    # disallowed_special=() reads "<|endoftext|>" inside a text as plain text, exactly like encode_ordinary
+    encoded = [enc.encode_to_numpy(text, disallowed_special=()) for text in texts]
+    eot = np.array([EOT], dtype=np.uint32)
+    tokens = np.concatenate([part for doc in encoded for part in (eot, doc)])
+    lengths = np.array([len(doc) + 1 for doc in encoded], dtype=np.int64)
+    return tokens.astype(np.uint16), lengths  # GPT-2's 50,257 ids fit in uint16
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -571,13 +659,16 @@ def split_documents(index, row, future):
 
 
 def prepare_quickstart(data_dir):
-    """Generated children's stories as a jsonl corpus, tokenized into shards by this file's own main."""
+    """Generated children's stories as a jsonl corpus, tokenized into shards by this script in a process of its own:
+    its tokenizer processes and their fork server end with it, not with the training run."""
     os.makedirs(data_dir, exist_ok=True)
     corpus = os.path.join(data_dir, "stories.jsonl")
     if not os.path.exists(corpus):
         with atomic_write(corpus, "w") as f:
             f.writelines(json.dumps(dict(text=text)) + "\n" for text in simple_stories(5000))
-    main(["--data-files", corpus, "--out-dir", data_dir, "--prefix", "stories", "--shard-size", "50000"])
+    args = ["--data-files", corpus, "--out-dir", data_dir, "--prefix", "stories", "--shard-size", "50000"]
+    if subprocess.run([sys.executable, os.path.abspath(__file__), *args]).returncode != 0:
+        raise UserError(f"the quick start's stories could not be tokenized into {data_dir} (the error is above)")
 
 
 def simple_stories(n_stories, seed=0):

@@ -99,10 +99,10 @@ def generate_samples(model, enc, args, device, stream=None):
     return samples
 
 
-def texts(model, enc, prompt, num_samples, max_new_tokens, device):
+def texts(model, prompt, num_samples, max_new_tokens, device):
     """A training run's progress samples (top-k 50), drawn exactly as this script draws them."""
     args = Config(prompt=prompt, num_samples=num_samples, max_new_tokens=max_new_tokens, top_k=50)
-    return [s["text"] for s in generate_samples(model, enc, args, device)]
+    return [s["text"] for s in generate_samples(model, get_tokenizer(), args, device)]
 
 
 def main(argv=None):

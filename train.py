@@ -4,7 +4,7 @@ Pretrain GPT-2 on token shards, on one device or many (DDP under torchrun).
     ./train.sh --preset quickstart              # a small GPT on generated stories: offline, CPU, a few minutes
     ./train.sh                                  # the reference run: GPT-2 124M on 5B tokens of FineWeb-Edu
     torchrun --standalone --nproc_per_node 8 train.py --preset gpt2-124m --out-dir log
-    ./train.sh --resume --out-dir log           # continue a run from its newest checkpoint, bit for bit
+    ./train.sh --resume --out-dir log           # continue a run from its newest checkpoint (on a CPU, bit for bit)
 
 Each optimizer step sees --total-batch tokens: --micro-batch x --seq-len per process per micro-step, accumulated over
 total / (micro x seq x world size) micro-steps, so adding GPUs changes speed, not results. Everything a run logs goes
@@ -50,7 +50,6 @@ from utils import (
     check_flags,
     config_parser,
     download_incomplete,
-    get_tokenizer,
     load_script,
     run_cli,
     setup_distributed,
@@ -192,43 +191,42 @@ def main(argv=None):
     master_process = ddp_rank == 0  # this process logs, plots, checkpoints and samples
     compile_model = config.compile if config.compile is not None else is_cuda(device)
 
-    # the batch: total_batch tokens per optimizer step whatever the number of GPUs, through gradient accumulation
+    # the batch: total_batch tokens per optimizer step whatever the number of GPUs, through gradient accumulation.
+    # From here on config holds the values in effect (micro_batch, val_steps): the log and checkpoints record those.
     requested_micro_batch = config.micro_batch
     config.micro_batch = fit_micro_batch(config, ddp_world_size, master_process)
     tokens_per_micro_step = config.micro_batch * config.seq_len * ddp_world_size  # one forward/backward on all ranks
     grad_accum_steps = config.total_batch // tokens_per_micro_step
 
     # the data: every node reads its own copy of the shards (no shared filesystem needed)
-    if config.preset == "quickstart":  # generated stories, tokenized on every node (by one process each)
+    if config.preset == "quickstart":  # generated stories, tokenized on every node by one process; the rest wait
         prepare = load_script("download-fineweb-edu").prepare_quickstart
         all_ranks_agree(lambda: prepare(config.data_dir) if ddp_local_rank == 0 else None)
     train_loader, val_loader = all_ranks_agree(lambda: open_loaders(config, ddp_rank, ddp_world_size, master_process))
-    val_batches = val_loader.epoch_tokens // tokens_per_micro_step
-    if config.val_steps > val_batches:  # evaluation reads the same val tokens every time: no more than there are
-        if master_process:
-            print(f"note: the val split holds {val_batches} batches: --val-steps {config.val_steps} -> {val_batches}")
-        config.val_steps = val_batches
 
     # where the run starts: rank 0 owns the out dir (log, plots, checkpoints) and reads the checkpoint for everyone
-    lock = all_ranks_agree(lambda: take_out_dir(config.out_dir) if master_process else None)  # noqa: F841 (held)
+    # the lock lasts as long as this file object: keep it for the whole run
+    lock = all_ranks_agree(lambda: take_out_dir(config.out_dir) if master_process else None)  # noqa: F841
     log_path = os.path.join(config.out_dir, "log.jsonl")
     start = find_start_on_every_rank(config, master_process, device)
     if start.finished:  # started again after the last step: nothing to train, perhaps something to --export
         if master_process:
-            log_run_end(log_path, config, model_from_checkpoint(start.checkpoint, start.path), start)
+            model = model_from_checkpoint(start.checkpoint, start.path) if config.export else None
+            log_run_end(log_path, config, model, start)
         teardown_distributed()
         return
 
     # the model and its optimizer
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     if is_cuda(device):
-        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls outside autocast (not in evaluation)
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls (HellaSwag and sampling use full fp32)
     model_config = GPTConfig(block_size=config.seq_len, n_layer=config.n_layer, n_head=config.n_head,
                              n_embd=config.n_embd)  # fmt: skip
     model = GPT(model_config).to(device)
     optimizer = model.configure_optimizers(config.weight_decay, config.max_lr, (config.beta1, config.beta2),
-                                           "cuda" if is_cuda(device) else device, config.eps)  # fmt: skip
-    start_step = restore(start, model, optimizer, train_loader, device) if start.checkpoint else 0
+                                           torch.device(device).type, config.eps)  # fmt: skip
+    # a resume puts the weights, optimizer state, data position and RNG states back; val_loss as last measured
+    start_step, val_loss = restore(start, model, optimizer, train_loader, device) if start.checkpoint else (0, None)
     raw_model = model  # evaluation, sampling and checkpoints use the plain module
     if compile_model:
         model = torch.compile(model)  # fuses the many small kernels of a step into few; compiles on the first step
@@ -240,12 +238,14 @@ def main(argv=None):
                      world_size=ddp_world_size, grad_accum_steps=grad_accum_steps)  # fmt: skip
         log_run_start(log_path, config, start, start_step, raw_model, setup)
     start.checkpoint = None  # its memory back: everything in it is in place now
-    hellaswag_examples = None
-    if config.hellaswag_interval > 0:  # read by rank 0 alone (downloaded once), sent to the others
-        hellaswag_examples = hellaswag.examples_on_every_rank(config.hellaswag_file, config.hellaswag_limit,
-                                                              master_process, device)  # fmt: skip
-    enc, peak, damaged, val_loss, signum = get_tokenizer(), peak_flops(device), set(start.damaged), None, 0
+    # HellaSwag's examples, read (downloaded once) by rank 0 and sent to the others
+    hellaswag_examples = config.hellaswag_interval > 0 and hellaswag.examples_on_every_rank(
+        config.hellaswag_file, config.hellaswag_limit, master_process, device)  # fmt: skip
+    damaged = set(start.damaged)  # checkpoints that did not load: never pruned, replaced when this run writes one
+    signum = 0  # the stop signal that ended the loop, if any
     with StopSignal() as stop:
+        # max_steps optimizer steps, then one more pass that only evaluates: the loss at step s is measured after s
+        # updates, and a checkpoint written after step s is ckpt_<s+1>: what a resume starts with
         for step in range(start_step, config.max_steps + 1):
             last_step = step == config.max_steps
             # evaluation, on the raw model: the compiled one would compile again for other shapes, and DDP is for
@@ -263,10 +263,9 @@ def main(argv=None):
                 plot_log(log_path, os.path.join(config.out_dir, "loss.png"))
             sample_due = config.sample_interval > 0 and (step % config.sample_interval == 0 or last_step)
             if master_process and sample_due and step > 0:
-                samples = sample.texts(raw_model, enc, config.sample_prompt, config.num_samples, config.sample_tokens,
-                                       device)  # fmt: skip
-                append_jsonl(log_path, dict(step=step, samples=samples))
-                print("\n".join(f"sample: {text!r}" for text in samples))
+                texts = sample.texts(raw_model, config.sample_prompt, config.num_samples, config.sample_tokens, device)
+                append_jsonl(log_path, dict(step=step, samples=texts))
+                print("\n".join(f"sample: {text!r}" for text in texts))
             if last_step:
                 break
 
@@ -275,18 +274,18 @@ def main(argv=None):
             lr = get_lr(step, config)
             loss, norm = train_step(model, optimizer, train_loader.next_batch, grad_accum_steps, device, lr,
                                     config.grad_clip, ddp_world_size)  # fmt: skip
-            loss, norm = loss.item(), norm.item()  # waits for the GPU: the step's one sync
+            loss, norm = loss.item(), norm.item()  # waits for the GPU: until here the CPU ran ahead of it
             dt = time.time() - t0
             # ---------------------------------------- training section end
-            check_loss(loss, norm, step, config.out_dir)  # a NaN stops the run: the checkpoints stay good
+            # a NaN stops the run, the checkpoints stay good; loss and norm are the same on every rank (all-reduced)
+            check_loss(loss, norm, step, config.out_dir)
             if master_process:
-                log_step(log_path, step, loss, lr, norm, dt, config.total_batch, raw_model, peak, ddp_world_size)
+                log_step(log_path, step, loss, lr, norm, dt, config.total_batch, raw_model, device, ddp_world_size)
 
             # a checkpoint every checkpoint_interval steps, after the last step, and when a stop signal came
-            signum = stop.agreed(device)  # the same on every rank, so that all stop after the same step
-            if (config.checkpoint_interval > 0 and (step + 1) % config.checkpoint_interval == 0) or (
-                step + 1 == config.max_steps or signum
-            ):
+            signum = stop.agreed(device)  # the same on every rank (a one-number all-reduce), so all stop together
+            every = config.checkpoint_interval > 0 and (step + 1) % config.checkpoint_interval == 0
+            if every or step + 1 == config.max_steps or signum:
                 check_weights(raw_model, step, config.out_dir)  # on every rank: they hold the same weights
                 if master_process:
                     # everything the next step depends on: a resumed run continues exactly where this one stopped
@@ -324,7 +323,7 @@ def parse_config(argv=None):
 
 
 def check_config(config):
-    """One-line errors for settings that would crash later or train on garbage."""
+    """One-line errors for settings that would crash later or train on garbage (NaN fails every comparison)."""
     check_flags(config, "at least 1", lambda v: v >= 1, "micro_batch", "seq_len", "total_batch", "n_layer", "n_head",
                 "n_embd")  # fmt: skip
     if config.n_embd % config.n_head != 0:
@@ -332,7 +331,6 @@ def check_config(config):
     check_flags(config, "0 or more", lambda v: v >= 0, "max_steps", "keep_checkpoints", "eval_interval",
                 "hellaswag_interval", "sample_interval", "checkpoint_interval", "val_steps", "warmup_steps",
                 "num_samples", "sample_tokens", "hellaswag_limit")  # fmt: skip
-    # NaN fails every comparison, so it is refused too
     check_flags(config, "a positive number up to 1000", lambda v: 0 < v <= 1000, "max_lr")  # beyond, AdamW overflows
     check_flags(config, "from 0 to 1", lambda v: 0 <= v <= 1, "min_lr_ratio")
     check_flags(config, "from 0 to 0.999999", lambda v: 0 <= v <= 0.999999, "beta1", "beta2")
@@ -348,8 +346,7 @@ def check_config(config):
 
 
 def fit_micro_batch(config, world_size, verbose=False):
-    """The largest micro-batch up to --micro-batch that divides each process's share of a step into whole micro-steps:
-    a preset then runs on any number of processes that splits --total-batch into whole sequences."""
+    """The largest micro-batch up to --micro-batch that splits each process's rows of a step into whole micro-steps."""
     rows_per_process, rest = divmod(config.total_batch, config.seq_len * world_size)
     if rest or rows_per_process == 0:
         raise UserError(
@@ -366,7 +363,7 @@ def fit_micro_batch(config, world_size, verbose=False):
 
 
 def open_loaders(config, ddp_rank, ddp_world_size, master_process):
-    """The train and val loaders of this rank."""
+    """This rank's train and val loaders; --val-steps capped at the val split's batches (read again at every eval)."""
     if not os.path.isdir(config.data_dir):
         what = "is not a directory" if os.path.exists(config.data_dir) else "does not exist"
         raise UserError(
@@ -380,6 +377,11 @@ def open_loaders(config, ddp_rank, ddp_world_size, master_process):
     shape = (config.micro_batch, config.seq_len, ddp_rank, ddp_world_size)
     train_loader = ShardedDataLoader(config.data_dir, "train", *shape, shuffle=config.shuffle, seed=config.seed)
     val_loader = ShardedDataLoader(config.data_dir, "val", *shape)
+    val_batches = val_loader.epoch_tokens // (config.micro_batch * config.seq_len * ddp_world_size)
+    if config.val_steps > val_batches:
+        if master_process:
+            print(f"note: the val split holds {val_batches} batches: --val-steps {config.val_steps} -> {val_batches}")
+        config.val_steps = val_batches
     return train_loader, val_loader
 
 
@@ -402,8 +404,9 @@ def log_run_start(log_path, config, start, start_step, raw_model, setup):
     )
 
 
-def log_step(log_path, step, loss, lr, norm, dt, total_batch, raw_model, peak, ddp_world_size):
+def log_step(log_path, step, loss, lr, norm, dt, total_batch, raw_model, device, ddp_world_size):
     tokens_per_sec = total_batch / dt
+    peak = peak_flops(device)  # this GPU's bf16 FLOP/s (None on a CPU or an unknown card)
     entry = dict(step=step, train_loss=loss, lr=lr, grad_norm=norm, dt_ms=dt * 1000, tokens_per_sec=tokens_per_sec)
     if peak:  # MFU: the model's FLOPs per second as a share of one GPU's peak
         entry["mfu"] = raw_model.estimate_mfu(tokens_per_sec / ddp_world_size, raw_model.config.block_size, peak)

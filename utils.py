@@ -14,6 +14,7 @@ import inspect
 import json
 import os
 import re
+import signal
 import sys
 
 import numpy as np
@@ -84,18 +85,6 @@ def get_tokenizer():
     ranks = {bytes(to_byte[c] for c in token): i for token, i in encoder.items() if token != "<|endoftext|>"}
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=EOT + 1)  # fmt: skip
-
-
-def tokenize_documents(texts):
-    """The download's unit of work, run in the tokenizer processes: the texts as one uint16 array (each document is
-    EOT followed by its tokens), and each document's length."""
-    enc = get_tokenizer()
-    # disallowed_special=() reads "<|endoftext|>" inside a text as plain text, exactly like encode_ordinary
-    encoded = [enc.encode_to_numpy(text, disallowed_special=()) for text in texts]
-    eot = np.array([EOT], dtype=np.uint32)
-    tokens = np.concatenate([part for doc in encoded for part in (eot, doc)])
-    lengths = np.array([len(doc) + 1 for doc in encoded], dtype=np.int64)
-    return tokens.astype(np.uint16), lengths  # GPT-2's 50,257 ids fit in uint16
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -299,9 +288,11 @@ def run_cli(main):
         out_of_memory = isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)
         if os.environ.get("GPT2_TRACEBACK") or (isinstance(e, RuntimeError) and not out_of_memory):
             raise
-        if isinstance(e, KeyboardInterrupt):  # Ctrl-C: every file is written atomically, so nothing is half-done
-            print("interrupted: what was finished is kept; run the same command again to continue", file=sys.stderr)
-            sys.exit(130)
+        if isinstance(e, KeyboardInterrupt):  # Ctrl-C, or SIGTERM where a script raises it as one (e.signum)
+            signum = getattr(e, "signum", signal.SIGINT)
+            what = "interrupted" if signum == signal.SIGINT else f"{signal.Signals(signum).name}: stopped"
+            print(f"{what}: what was finished is kept; run the same command again to continue", file=sys.stderr)
+            sys.exit(128 + signum)
         if out_of_memory:
             e = f"out of memory ({first_line(e)[:200]}): use smaller sizes (--micro-batch, --shard-size, the model)"
         print(f"error: {e}", file=sys.stderr)
@@ -389,6 +380,13 @@ def remove_leftovers(directory, names):
 def write_json(path, obj):
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
+
+
+def call_in_script(name, function, *args):
+    """function(*args) from one of the repo's scripts: how a worker process runs a script's code. Ctrl-C reaches every
+    process of the terminal; a worker leaves it to the process that started it, which stops the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return getattr(load_script(name), function)(*args)
 
 
 def load_script(name):

@@ -1,5 +1,6 @@
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -125,6 +126,53 @@ def train_losses(out_dir):
     from checkpoint import read_log
 
     return {r["step"]: r["train_loss"] for r in read_log(os.path.join(out_dir, "log.jsonl")) if "train_loss" in r}
+
+
+def process_table():
+    """pid -> (parent pid, session id) of every process on the machine, from /proc."""
+    table = {}
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()  # after "pid (command name)"
+        except (OSError, ValueError):
+            continue  # not a process, or one that just ended
+        if fields[0] != "Z":  # a zombie has ended: only its parent's wait is missing
+            table[int(name)] = (int(fields[1]), int(fields[3]))
+    return table
+
+
+def session_processes(sid):
+    """pid -> parent pid of the live processes in session sid."""
+    return {pid: parent for pid, (parent, session) in process_table().items() if session == sid}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind():
+    """The suite leaves no process of its own behind: at its end no process names this repo or runs multiprocessing in
+    this session, but for this process's own fork server and resource tracker, which end with it."""
+    yield
+    me, my_session, deadline = os.getpid(), os.getsid(0), time.time() + 15
+    while True:
+        table = process_table()
+        ancestors, p = set(), me
+        while p in table and p not in ancestors:
+            ancestors.add(p)
+            p = table[p][0]
+        left = []
+        for pid, (parent, session) in table.items():
+            try:
+                cmdline = open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+            except OSError:
+                continue
+            own_helper = parent == me and ("multiprocessing.forkserver" in cmdline or "resource_tracker" in cmdline)
+            ours = ROOT in cmdline or (session == my_session and "multiprocessing" in cmdline)
+            if ours and pid not in ancestors and not own_helper:
+                left.append(f"{pid}: {cmdline[:120]}")
+        if not left or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert not left, f"the test suite left processes behind: {left}"
 
 
 def free_port():

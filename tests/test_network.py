@@ -275,11 +275,14 @@ def test_tokenizer_workers_are_not_forked_from_the_downloading_process():
     """A fork copies the locks of the threads running here (the read-ahead thread, pyarrow's, an HTTP client's) in
     whatever state they are in; a child that then needs one waits forever. The workers come from a fork server."""
     downloader = load_script("download-fineweb-edu")
-    with downloader.tokenizer_pool(2) as pool:
-        parents = {pool.submit(os.getppid).result() for _ in range(4)}
-        tokens, lengths = pool.submit(downloader.tokenize_documents, ["hello world", ""]).result()
-    assert os.getpid() not in parents
-    assert lengths.tolist() == [3, 1] and tokens.dtype == np.uint16
+    with downloader.TokenizerPool(2) as pool:
+        parents = {int(open(f"/proc/{p.pid}/stat").read().split(") ")[1].split()[1]) for p in pool.processes}
+        for texts in (["hello world", ""], ["one"], ["two", "three"]):
+            pool.submit(texts)
+        results = [pool.result() for _ in range(3)]
+    assert os.getpid() not in parents and len(parents) == 1  # both from the one fork server
+    assert [lengths.tolist() for _, lengths in results] == [[3, 1], [2], [2, 2]]  # in the order submitted
+    assert results[0][0].dtype == np.uint16
 
 
 def test_http_file_reads_ranges_and_resumes_a_dropped_body(server):

@@ -1,0 +1,118 @@
+"""No process the downloader starts outlives it, however it ends, and no way of ending it hangs: it finishes, fails,
+is stopped by Ctrl-C or SIGTERM, is killed with kill -9, or loses a tokenizer process. Each run gets a session of its
+own (as a scheduler, nohup or setsid start one), so that whatever it leaves behind can be found."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, session_processes
+
+WORDS = "the of and to in is was for on that with as by at from it an be this which or are have not had".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A jsonl corpus that takes a few seconds to tokenize, and one with a bad line in its middle."""
+    d = tmp_path_factory.mktemp("processes")
+    rng = np.random.default_rng(0)
+    lines = [json.dumps(dict(text=" ".join(rng.choice(WORDS, 300)))) + "\n" for _ in range(40_000)]
+    (d / "big.jsonl").write_text("".join(lines))
+    (d / "bad.jsonl").write_text("".join(lines[:20_000]) + "{not json\n" + "".join(lines[20_000:]))
+    return d
+
+
+def start(corpus_file, out_dir, *extra):
+    # SIGINT as a terminal's job has it (a shell that starts jobs in the background hands them SIGINT ignored)
+    return subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "download-fineweb-edu.py"), "--data-files", corpus_file, "--out-dir",
+         out_dir, "--shard-size", "1e6", "--workers", "2", *map(str, extra)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+
+
+def tokenizer_processes(proc, timeout=60):
+    """The tokenizer processes of a running downloader (the children of its fork server), once they exist."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        tree = session_processes(proc.pid)
+        servers = [p for p, parent in tree.items() if parent == proc.pid and p != proc.pid]
+        workers = [p for p, parent in tree.items() if parent in servers]
+        if len(workers) == 2:
+            return workers
+        time.sleep(0.1)
+    return []
+
+
+def assert_nothing_left(proc, timeout=10):
+    """Within seconds of the downloader's end, no process of its session is left."""
+    deadline = time.time() + timeout
+    while session_processes(proc.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    left = session_processes(proc.pid)
+    assert not left, f"left behind: {[open(f'/proc/{p}/cmdline').read()[:100] for p in left]}"
+
+
+def end(proc, how):
+    if how == "ctrl_c":
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends it: to every process of the job
+    elif how == "sigterm":
+        os.kill(proc.pid, signal.SIGTERM)
+    elif how == "kill_9":
+        os.kill(proc.pid, signal.SIGKILL)
+    elif how == "worker_killed":
+        os.kill(tokenizer_processes(proc)[0], signal.SIGKILL)  # as the kernel's out-of-memory killer would
+
+
+@pytest.mark.parametrize(
+    "how, returncode, last_line",
+    [
+        ("finishes", 0, "done: "),
+        ("fails", 2, "error: cannot read "),
+        ("ctrl_c", 130, "interrupted: what was finished is kept"),
+        ("sigterm", 143, "SIGTERM: stopped: what was finished is kept"),
+        ("kill_9", -9, None),
+        ("worker_killed", 2, "error: a tokenizer process died"),
+    ],
+)
+def test_no_process_outlives_the_downloader_however_it_ends(corpus, tmp_path, how, returncode, last_line):
+    proc = start(corpus / ("bad.jsonl" if how == "fails" else "big.jsonl"), tmp_path / "out")
+    if how not in ("finishes", "fails"):
+        assert tokenizer_processes(proc), "the tokenizer processes never started"
+        end(proc, how)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == returncode, err[-2000:]
+    if last_line:
+        lines = (out if how == "finishes" else err).replace("\r", "\n").strip().splitlines()
+        assert lines[-1].startswith(last_line), lines[-3:]
+    assert_nothing_left(proc)
+
+
+@pytest.mark.parametrize("how", ["ctrl_c", "worker_killed"])
+def test_no_moment_of_ctrl_c_or_of_a_dying_worker_hangs_the_downloader(corpus, tmp_path, how):
+    """Twenty tries each, at random moments of the run: every one ends within seconds, and leaves nothing."""
+    rng = random.Random(0)
+    for attempt in range(20):
+        proc = start(corpus / "big.jsonl", tmp_path / f"out{attempt}")
+        workers = tokenizer_processes(proc)
+        assert workers, "the tokenizer processes never started"
+        time.sleep(rng.uniform(0, 1.5))
+        if how == "ctrl_c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(rng.choice(workers), signal.SIGKILL)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"try {attempt}: still running 30 s after {how}")
+        assert proc.returncode in ((130, 0) if how == "ctrl_c" else (2, 0)), (attempt, err[-2000:])
+        assert_nothing_left(proc)
