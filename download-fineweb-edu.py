@@ -17,7 +17,7 @@ that file at that row, fetches nothing before it, and ends with byte-identical f
 (connection resets, timeouts, HTTP 429 and 5xx) are retried with exponential backoff; the others (404, 401/403) stop.
 
 This file, top to bottom: Config, main, the tokenize-to-shards loop, the shard writer and the manifest, the readers
-of documents and the tokenizer processes, and last the generated stories of the quick start.
+of documents, and the tokenizer processes.
 """
 
 import collections
@@ -33,8 +33,6 @@ import re
 import select
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -546,9 +544,8 @@ def read_text(stream, name):
 
 
 def tokenized_documents(batches, workers):
-    """((file index, row), tokens) of every document, in input order, tokenized in parallel. At most 2 batches per
-    worker are in flight, so memory stays bounded however fast the input arrives; the order makes the output
-    deterministic."""
+    """((file index, row), tokens) of every document, in input order, tokenized in parallel; at most 2 batches per
+    worker in flight, so memory stays bounded however fast the input arrives."""
     with TokenizerPool(workers) as pool:
         pending = collections.deque()
         for index, row, texts in batches:
@@ -567,18 +564,16 @@ def split_documents(index, row, tokens, lengths):
 
 
 class TokenizerPool:
-    """Processes that tokenize, started by a fork server and never forked from this process: a fork copies the locks
-    of running threads (the read-ahead thread's, pyarrow's, an HTTP client's) in whatever state they are in, and a
-    child that needs one waits for ever. Job k goes to process k mod N and its result is read back from there, so the
-    results come in order. A process that dies is an error at once, never a wait; the processes end with the pool,
-    and on their own when this process is gone (even by kill -9)."""
+    """Processes that tokenize, started by a fork server: a fork of this process would copy the locks of its running
+    threads in whatever state they are in. Job k goes to process k mod N and its result comes back from there, in
+    order. A process that dies is an error at once; they end with the pool, or on their own when this process does."""
 
     def __init__(self, workers):
         context = mp.get_context("forkserver")
         context.set_forkserver_preload(["utils"])  # imported once in the server, shared by every process it forks
         self.jobs, self.results, self.processes, self.sent, self.received = [], [], [], 0, 0
         for _ in range(workers):
-            jobs, (results, child_end) = context.Queue(), context.Pipe(duplex=False)
+            jobs, (results, child_end) = context.Queue(), context.Pipe(duplex=False)  # a queue never blocks its sender
             jobs.cancel_join_thread()  # a process that died must not hold up this one's exit
             args = ("download-fineweb-edu", "tokenizer_process", jobs, child_end, os.getpid())
             process = context.Process(target=call_in_script, args=args, daemon=True, name="tokenizer")
@@ -590,8 +585,7 @@ class TokenizerPool:
         self.jobs[self.sent % len(self.jobs)].put(texts)  # sent by the queue's own thread: this never blocks
         self.sent += 1
 
-    def result(self):
-        """The oldest job's (tokens, lengths)."""
+    def result(self):  # the oldest job's (tokens, lengths)
         i = self.received % len(self.jobs)
         try:
             if self.results[i] not in wait([self.results[i], self.processes[i].sentinel]):
@@ -633,12 +627,9 @@ def exit_when_gone(pid):
     try:
         select.select([os.pidfd_open(pid)], [], [])  # Linux: readable when the process has ended
     except (AttributeError, OSError):  # another system, or pid has already gone
-        while True:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.5)
+        with contextlib.suppress(ProcessLookupError):
+            while not os.kill(pid, 0):  # None while pid lives
+                time.sleep(0.5)
     os._exit(1)
 
 
@@ -652,89 +643,6 @@ def tokenize_documents(texts):
     tokens = np.concatenate([part for doc in encoded for part in (eot, doc)])
     lengths = np.array([len(doc) + 1 for doc in encoded], dtype=np.int64)
     return tokens.astype(np.uint16), lengths  # GPT-2's 50,257 ids fit in uint16
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the quick start's corpus
-
-
-def prepare_quickstart(data_dir):
-    """Generated children's stories as a jsonl corpus, tokenized into shards by this script in a process of its own:
-    its tokenizer processes and their fork server end with it, not with the training run."""
-    os.makedirs(data_dir, exist_ok=True)
-    corpus = os.path.join(data_dir, "stories.jsonl")
-    if not os.path.exists(corpus):
-        with atomic_write(corpus, "w") as f:
-            f.writelines(json.dumps(dict(text=text)) + "\n" for text in simple_stories(5000))
-    args = ["--data-files", corpus, "--out-dir", data_dir, "--prefix", "stories", "--shard-size", "50000"]
-    if subprocess.run([sys.executable, os.path.abspath(__file__), *args]).returncode != 0:
-        raise UserError(f"the quick start's stories could not be tokenized into {data_dir} (the error is above)")
-
-
-def simple_stories(n_stories, seed=0):
-    """Short children's stories from a small generated grammar (about 150 words each), deterministic for a seed.
-    On Python's docs a 7M model still wrote word salad after 600k tokens (val loss 5.6); on these it writes
-    grammatical sentences, dialogue and the shape of a story in the same few CPU minutes."""
-    import random
-
-    rng = random.Random(seed)
-    # fmt: off
-    boys = ["Tom", "Sam", "Ben", "Max", "Tim", "Jack", "Leo", "Dan"]
-    girls = ["Lily", "Mia", "Anna", "Lucy", "Sue", "Emma", "Zoe", "Kate"]
-    pets = ["dog", "cat", "bird", "rabbit", "duck", "frog", "puppy", "kitten"]
-    things = ["ball", "kite", "hat", "book", "boat", "drum", "doll", "train", "teddy bear", "blanket", "apple", "cake"]
-    places = ["park", "garden", "forest", "beach", "farm", "river", "yard", "hill", "lake", "town"]
-    hides = ["under a tree", "behind a big rock", "in the tall grass", "under the bed", "next to the fence", "in a box"]
-    adjectives = ["red", "blue", "green", "yellow", "big", "little", "shiny", "soft", "old", "new", "funny", "pretty"]
-
-    def a_(word):
-        return ("an " if word[0] in "aeiou" else "a ") + word
-
-    stories = []
-    for _ in range(n_stories):
-        a, b = rng.sample(boys + girls, 2)
-        he, his = ("he", "his") if a in boys else ("she", "her")
-        He, His = he.capitalize(), his.capitalize()
-        thing, pet, place, place2 = rng.choice(things), rng.choice(pets), *rng.sample(places, 2)
-        hide, adjective = rng.choice(hides), rng.choice(adjectives)
-        s = [rng.choice([
-            f"Once upon a time, there was {a_(rng.choice(['little', 'kind', 'happy', 'curious']))} "
-            f"{'boy' if a in boys else 'girl'} named {a}.",
-            f"One day, {a} went to the {place} with {his} {pet}.",
-            f"{a} had {a_(adjective)} {thing}. {He} loved it very much.",
-        ])]
-        s.append(rng.choice([f"{He} liked to play in the {place} every day.", f"{His} best friend was {b}.",
-                             f"{He} had {a_(adjective)} {thing} and {a_(pet)}."]))
-        plot = rng.randrange(4)
-        if plot == 0:  # something lost, found with a friend
-            s += [f"One day, {a} could not find {his} {thing}.", f"{He} looked everywhere, but it was not there.",
-                  f"{a} was sad.", f'Then {b} came and said, "Why are you sad, {a}?"',
-                  f'"I lost my {thing}," said {a}.', f'"I will help you," said {b}.',
-                  f"They looked and looked. At last, they found the {thing} {hide}.",
-                  f'{a} was very happy. "Thank you, {b}!" {he} said.']
-        elif plot == 1:  # sharing
-            s.append(f'{b} saw the {thing} and said, "Can I play with your {thing}, please?"')
-            if rng.random() < 0.5:
-                s += [f'"Yes, you can," said {a}.', f"They played with the {thing} together all day.",
-                      "They had a lot of fun."]
-            else:
-                s += [f'"No, it is mine!" said {a}.', f"{b} was sad and went home.",
-                      f'Later, {a} felt bad. {He} went to {b} and said, "I am sorry. Let\'s play together."',
-                      f"{b} smiled, and they played with the {thing} together."]
-        elif plot == 2:  # the pet runs away
-            s += [f"One day, the {pet} ran away to the {place2}.", f'{a} ran after it and called, "Come back!"',
-                  f"{He} found the {pet} {hide}.", f"The {pet} was scared, so {a} gave it a big hug.",
-                  f"Then {a} and the {pet} went home together."]
-        else:  # rain
-            s += [f"{a} and {b} wanted to go to the {place2}, but it started to rain.", f"{a} was sad.",
-                  f'{b} said, "Let\'s play inside!"',
-                  f"They made a {rng.choice(['fort', 'tower', 'boat'])} out of boxes and played with the {thing}.",
-                  "Soon the sun came out, and they ran outside."]
-        s.append(rng.choice(["The end.", f"From that day on, {a} was never sad again.",
-                             f"{a} learned that friends help each other.", f"That night, {a} went to bed happy."]))
-        stories.append(" ".join(s))
-    # fmt: on
-    return stories
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from checkpoint import (
     write_checkpoint,
 )
 from misc.plot_log import plot_log
+from misc.stories import prepare_quickstart
 from model import GPT, MODEL_SIZES, GPTConfig, autocast, is_cuda, peak_flops
 from utils import (
     ShardedDataLoader,
@@ -50,7 +51,6 @@ from utils import (
     check_flags,
     config_parser,
     download_incomplete,
-    load_script,
     run_cli,
     setup_distributed,
     teardown_distributed,
@@ -200,8 +200,7 @@ def main(argv=None):
 
     # the data: every node reads its own copy of the shards (no shared filesystem needed)
     if config.preset == "quickstart":  # generated stories, tokenized on every node by one process; the rest wait
-        prepare = load_script("download-fineweb-edu").prepare_quickstart
-        all_ranks_agree(lambda: prepare(config.data_dir) if ddp_local_rank == 0 else None)
+        all_ranks_agree(lambda: prepare_quickstart(config.data_dir) if ddp_local_rank == 0 else None)
     train_loader, val_loader = all_ranks_agree(lambda: open_loaders(config, ddp_rank, ddp_world_size, master_process))
 
     # where the run starts: rank 0 owns the out dir (log, plots, checkpoints) and reads the checkpoint for everyone

@@ -104,15 +104,19 @@ def test_no_moment_of_ctrl_c_or_of_a_dying_worker_hangs_the_downloader(corpus, t
         proc = start(corpus / "big.jsonl", tmp_path / f"out{attempt}")
         workers = tokenizer_processes(proc)
         assert workers, "the tokenizer processes never started"
-        time.sleep(rng.uniform(0, 1.5))
-        if how == "ctrl_c":
-            os.killpg(proc.pid, signal.SIGINT)
-        else:
-            os.kill(rng.choice(workers), signal.SIGKILL)
+        time.sleep(rng.uniform(0, 1.0))
+        try:
+            if how == "ctrl_c":
+                os.killpg(proc.pid, signal.SIGINT)
+            else:
+                os.kill(rng.choice(workers), signal.SIGKILL)
+        except ProcessLookupError:  # the run was over already
+            pass
         try:
             _, err = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail(f"try {attempt}: still running 30 s after {how}")
-        assert proc.returncode in ((130, 0) if how == "ctrl_c" else (2, 0)), (attempt, err[-2000:])
+        # 0: the run was done; -2: Ctrl-C reached the interpreter as it exited, after everything was written
+        assert proc.returncode in ((130, 0, -2) if how == "ctrl_c" else (2, 0)), (attempt, err[-2000:])
         assert_nothing_left(proc)
