@@ -43,7 +43,7 @@ from multiprocessing.connection import wait
 import numpy as np
 from tqdm import tqdm
 
-from http_files import HF_PATH, Retry, hub_files, is_remote, open_source, read_ahead
+from http_files import HTTPClient, HTTPFile, Retry, hub_files, is_remote, list_files, open_source, read_ahead
 from utils import (
     EOT,
     UserError,
@@ -77,6 +77,8 @@ class Config:
     max_tokens: int = 5_000_000_000  # train tokens to write, after the val shard
     shard_size: int = 100_000_000  # tokens per shard
     workers: int = os.cpu_count() or 1  # tokenizer processes
+    connections: int = 8  # HTTP requests in flight at once, on kept-alive connections
+    stall_seconds: float = 30.0  # a response silent, or slower than 10 KB/s, this long is dropped and retried
     retries: int = 8  # attempts of a network request that fails with a transient error
     retry_wait: float = 1.0  # seconds before the first retry; doubled after each (with jitter), at most 60
     verify: bool = False  # only check every shard against the manifest
@@ -84,8 +86,9 @@ class Config:
 
 def parse_args(argv=None):
     args = Config(**vars(config_parser(Config, __doc__).parse_args(argv)))
-    check_flags(args, "at least 1", lambda v: v >= 1, "shard_size", "max_tokens", "workers", "retries")
+    check_flags(args, "at least 1", lambda v: v >= 1, "shard_size", "max_tokens", "workers", "retries", "connections")
     check_flags(args, "0 or more", lambda v: v >= 0, "retry_wait")
+    check_flags(args, "more than 0", lambda v: v > 0, "stall_seconds")
     check_flags(args, "a plain file-name part", lambda p: p and "/" not in p and not p.startswith("."), "prefix")
     check_flags(args, "a directory name", bool, "out_dir")
     args.workers = min(args.workers, os.cpu_count() or 1)  # more processes than cores only costs memory
@@ -123,15 +126,11 @@ def main(argv=None):
     write_json(os.path.join(args.out_dir, MANIFEST), manifest)
     seconds = time.time() - t0
     n_train = sum(s["split"] == "train" for s in manifest["shards"])
-    print(
-        f"done: {documents:,} documents, {manifest['tokens']:,} tokens in {len(manifest['shards'])} shards "
-        f"(1 val, {n_train} train) under {args.out_dir}, {seconds:.1f} s, "
-        f"{(manifest['tokens'] - done) / seconds:,.0f} tokens/s"
-    )
+    rate = (manifest["tokens"] - done) / seconds
+    print(f"done: {documents:,} documents, {manifest['tokens']:,} tokens in {len(manifest['shards'])} shards "
+          f"(1 val, {n_train} train) under {args.out_dir}, {seconds:.1f} s, {rate:,.0f} tokens/s")  # fmt: skip
     if n_train == 0:
-        print(
-            "warning: the corpus ended inside the val shard, so there are no train shards: use a smaller --shard-size"
-        )
+        print("warning: the corpus ended inside the val shard, leaving no train shards: use a smaller --shard-size")
 
 
 def stop_on_sigterm(signum, frame):
@@ -150,8 +149,9 @@ def tokenize_to_shards(args, files, manifest, progress, retry):
     if writer.train_tokens >= args.max_tokens:  # killed after the last shard, before the manifest said complete
         return doc_index + (offset > 0)
     # read from the (file, row) where the last shard ended, while the tokenizer processes work on what came before
-    batches = read_ahead(document_batches(files, args.text_field, tuple(last["next_position"]), retry),
-                         4 * args.workers + 4, retry.stop.set)  # fmt: skip
+    client = HTTPClient(retry, args.connections, args.stall_seconds)
+    batches = read_ahead(document_batches(files, args.text_field, tuple(last["next_position"]), client),
+                         4 * args.workers + 4, client.close)  # fmt: skip
     documents = tokenized_documents(batches, args.workers)
     with contextlib.closing(documents), contextlib.closing(batches):  # on any exit, the reader thread stops too
         for (file, row), doc in documents:
@@ -383,26 +383,6 @@ def input_files(args, source, retry):
     return files
 
 
-def list_files(data_files, retry):
-    """--data-files as files: local globs are already expanded; hf:// ones are listed on the hub, pinned to the commit
-    the path names (main by default); an http(s) URL is one file (a web server cannot be listed)."""
-    files = []
-    for pattern in data_files:
-        if not pattern.startswith("hf://"):
-            files.append(pattern)
-            continue
-        m = HF_PATH.match(pattern)
-        if not m:
-            raise UserError(
-                f"--data-files {pattern}: write hf:// paths as hf://datasets/<owner>/<name>[@<revision>]/<path>"
-            )
-        matches = hub_files(m["repo"], m["revision"] or "main", retry, pattern=m["path"])
-        if not matches:
-            raise UserError(f"cannot read --data-files {pattern}: no such file on the hub")
-        files += matches
-    return files
-
-
 def local_files(pattern):
     matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
     if not matches or not all(os.path.isfile(m) for m in matches):
@@ -424,24 +404,21 @@ def file_format(files):
     return formats.pop()
 
 
-def document_batches(files, text_field, start, retry, batch_size=1024):
+def document_batches(files, text_field, start, client, batch_size=1024):
     """(file index, row, texts): the documents of all files in order, from position start = (file index, row) on.
-    Only files from start's on are opened."""
+    Only files from start's on are opened; a remote one while the one before it is read."""
     fmt = file_format(files)
-    for index in range(start[0], len(files)):
-        source = files[index]
+    for index, source, f in opened_files(files, start[0], client):
         start_row = start[1] if index == start[0] else 0
-        if not is_remote(source) and os.path.getsize(source) == 0:
-            continue
-        try:
-            f = open_source(source, retry)
-        except OSError as e:
-            raise UserError(f"cannot read {source}: {e.strerror or first_line(e)}") from e
         with f:
+            if (f.size if is_remote(source) else os.path.getsize(source)) == 0:
+                continue
             if fmt == "parquet":
                 batches = parquet_batches(f, source, text_field, start_row, batch_size)
             else:
-                stream = io.BufferedReader(f, 8 << 20) if is_remote(source) else f  # a range request per 8 MB
+                if is_remote(source):  # 8 MB pieces, several fetched at once
+                    f.prefetch((i, min(8 << 20, f.size - i)) for i in range(0, f.size, 8 << 20))
+                stream = io.BufferedReader(f, 8 << 20) if is_remote(source) else f
                 stream = gzip.open(stream) if urllib.parse.urlparse(source).path.endswith(".gz") else stream
                 if fmt == "json":
                     batches = json_batches(stream, source, text_field, start_row, batch_size)
@@ -451,12 +428,25 @@ def document_batches(files, text_field, start, retry, batch_size=1024):
                 for row, texts in batches:
                     for i, text in enumerate(texts):
                         if not isinstance(text, str):  # never an empty document: the shards would not say so
-                            raise UserError(
-                                f"{source}: row {row + i + 1}: field {text_field!r} is {describe_text(text)}"
-                            )
+                            raise UserError(f"{source}: row {row + i + 1}: {describe_field(text_field, text)}")
                     yield index, row, texts
             except (OSError, EOFError, zlib.error, ValueError) as e:  # a damaged gzip or parquet file, a read error
                 raise UserError(f"cannot read {source}: {first_line(e)}") from e
+
+
+def opened_files(files, first, client):
+    """(index, name, file) from files[first] on; a remote file starts opening (its size and its footer, in one
+    request) while the one before it is read, so that a file boundary costs no round trip. (One opened ahead and
+    never read holds no connection: there is nothing to close.)"""
+    upcoming = None
+    try:
+        for index in range(first, len(files)):
+            f = upcoming or open_source(files[index], client)
+            following = files[index + 1] if index + 1 < len(files) else ""
+            upcoming = open_source(following, client) if is_remote(following) else None
+            yield index, files[index], f
+    except OSError as e:
+        raise UserError(f"cannot read {files[index]}: {e.strerror or first_line(e)}") from e
 
 
 def parquet_batches(f, name, text_field, start_row, batch_size):
@@ -472,14 +462,24 @@ def parquet_batches(f, name, text_field, start_row, batch_size):
     if text_field not in parquet.schema_arrow.names:
         fields = ", ".join(parquet.schema_arrow.names)
         raise UserError(f"{name} has no field {text_field!r} (fields: {fields}); set --text-field")
-    first_row = 0  # of the row group
-    for group in range(parquet.num_row_groups):
-        rows = parquet.metadata.row_group(group).num_rows
-        if first_row + rows > start_row:
-            texts = parquet.read_row_group(group, columns=[text_field]).column(0).to_pylist()
-            for i in range(max(start_row - first_row, 0), rows, batch_size):
-                yield first_row + i, texts[i : i + batch_size]
-        first_row += rows
+    rows = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+    first_rows = np.cumsum([0] + rows).tolist()
+    groups = [g for g in range(len(rows)) if first_rows[g + 1] > start_row]  # the one that holds start_row, and on
+    if isinstance(f, HTTPFile):  # their text column, fetched several at once
+        column = [parquet.schema.column(i).path for i in range(len(parquet.schema))].index(text_field)
+        f.prefetch(column_chunk(parquet.metadata.row_group(g).column(column)) for g in groups)
+    for g in groups:
+        texts = parquet.read_row_group(g, columns=[text_field]).column(0).to_pylist()
+        for i in range(max(start_row - first_rows[g], 0), rows[g], batch_size):
+            yield first_rows[g] + i, texts[i : i + batch_size]
+
+
+def column_chunk(column):
+    """(start, length) of a column chunk in its file: the bytes pyarrow reads for it."""
+    start = column.data_page_offset
+    if column.has_dictionary_page and 0 < column.dictionary_page_offset < start:
+        start = column.dictionary_page_offset
+    return start, column.total_compressed_size
 
 
 def json_batches(f, name, text_field, start_row, batch_size):
@@ -493,7 +493,7 @@ def json_batches(f, name, text_field, start_row, batch_size):
             raise UserError(f"{name} has no field {text_field!r} (fields: {', '.join(record)}); set --text-field")
         text = record.get(text_field)
         if not isinstance(text, str):
-            raise UserError(f"{name}: {where}: field {text_field!r} is {describe_text(text)}")
+            raise UserError(f"{name}: {where}: {describe_field(text_field, text)}")
         texts.append(text)
         if len(texts) == batch_size:
             yield row - len(texts), texts
@@ -527,8 +527,8 @@ def parse_json(raw, name, where):
         raise UserError(f"cannot read {name}: {where} is not JSON ({e.msg})") from e
 
 
-def describe_text(text):
-    return "missing" if text is None else f"{type(text).__name__}, not a string"
+def describe_field(name, text):
+    return f"field {name!r} is " + ("missing" if text is None else f"{type(text).__name__}, not a string")
 
 
 def read_text(stream, name):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import broadcast_from_rank0, load_model
-from http_files import HTTPFile, Retry
+from http_files import HTTPClient, HTTPFile, Retry
 from model import GPT2_VOCAB_SIZE, autocast, exact_fp32_matmul
 from utils import (
     UserError,
@@ -67,8 +67,8 @@ def download(cache_dir, url=URL, retry=None):
     if os.path.exists(path):
         return path
     try:
-        with HTTPFile(url, retry or Retry(attempts=5)) as remote:  # a dropped connection resumes where it broke
-            data = remote.read(remote.size)
+        with HTTPClient(retry or Retry(attempts=5), connections=1) as client, HTTPFile(url, client) as remote:
+            data = remote.read(remote.size)  # a dropped connection resumes where it broke
     except UserError as e:
         raise UserError(f"{e}: with no network, pass a local copy of HellaSwag with --data-file") from e
     try:

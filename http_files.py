@@ -4,6 +4,9 @@ pass, reading ahead in a thread while the caller works, and the Hugging Face hub
 download-fineweb-edu.py and by hellaswag.py's download.
 """
 
+import collections
+import concurrent.futures
+import contextlib
 import dataclasses
 import fnmatch
 import io
@@ -11,18 +14,22 @@ import os
 import queue
 import random
 import re
-import socket
 import sys
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from http.client import HTTPException
 
+import urllib3
+
 from utils import UserError, first_line
 
 TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
-TIMEOUT = 60  # seconds a connection may stay silent before it counts as dropped
+TAIL = 1 << 19  # bytes fetched from a file's end when it is opened: its size, and a parquet footer, in one request
+MIN_RATE = 10_000  # bytes/s: a response slower than this over the stall time has stalled
+MAX_REDIRECTS = 5
 HF_PATH = re.compile(r"^hf://datasets/(?P<repo>[^/@]+/[^/@]+)(@(?P<revision>[^/]+))?/(?P<path>.+)$")
 
 
@@ -35,9 +42,9 @@ def is_remote(source):
 
 
 def http_status(e):
-    """The HTTP status of a failed request (urllib's or the hub client's), or None for a connection error."""
-    if isinstance(e, urllib.error.HTTPError):
-        return e.code
+    """The HTTP status of a failed request (ours or the hub client's), or None for a connection error."""
+    if isinstance(e, HTTPStatusError):
+        return e.status
     return getattr(getattr(e, "response", None), "status_code", None)
 
 
@@ -45,9 +52,9 @@ def is_transient(e):
     status = http_status(e)
     if status is not None:
         return status in TRANSIENT_STATUS
-    if isinstance(e, urllib.error.URLError) and isinstance(e.reason, socket.gaierror):
+    if isinstance(e, urllib3.exceptions.NameResolutionError):
         return False  # no such host, or no network at all: retrying only delays the error
-    if isinstance(e, (ConnectionError, TimeoutError, HTTPException, urllib.error.URLError)):
+    if isinstance(e, (ConnectionError, TimeoutError, HTTPException)):
         return True  # a reset, a timeout, a body cut short, a refused connection
     # the hub client's own connection errors (httpx or requests, depending on its version)
     return any(
@@ -100,58 +107,212 @@ class Retry:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# kept-alive connections, several requests in flight
+
+
+class HTTPClient:
+    """Kept-alive connections (urllib3's pool, up to `connections` per host) and as many daemon threads that run
+    requests on them, so that several are in flight at once. Whoever needs a result waits for it with wait(), which
+    a stop (Ctrl-C, an error elsewhere) ends at once; close() also cuts the responses being read."""
+
+    def __init__(self, retry, connections=8, stall_seconds=30.0):
+        self.retry, self.stop, self.connections, self.stall_seconds = retry, retry.stop, connections, stall_seconds
+        timeout = urllib3.Timeout(connect=stall_seconds, read=stall_seconds)  # a silent server is a stall too
+        self.pool = urllib3.PoolManager(maxsize=connections, retries=False, timeout=timeout)
+        self.jobs, self.reading, self.lock = queue.SimpleQueue(), set(), threading.Lock()
+        for _ in range(connections):
+            threading.Thread(target=self._work, daemon=True, name="http").start()
+
+    def _work(self):
+        while (job := self.jobs.get()) is not None:
+            future, request, args = job
+            try:
+                if self.stop.is_set():
+                    raise UserError("stopped")
+                future.set_result(request(*args))
+            except BaseException as e:
+                future.set_exception(e)
+
+    def submit(self, request, *args):
+        """Run request(*args) on one of the threads; returns its Future."""
+        future = concurrent.futures.Future()
+        self.jobs.put((future, request, args))
+        return future
+
+    def wait(self, future):
+        while not self.stop.is_set():
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                return future.result(timeout=0.1)
+        raise UserError("stopped")
+
+    @contextlib.contextmanager
+    def get(self, url, headers, byte_range):
+        """The response to a GET of a byte range, redirects not followed; its connection goes back to the pool when
+        the body is read to its end (or nearly), and is closed otherwise."""
+        if self.stop.is_set():
+            raise UserError("stopped")
+        response = self.pool.request("GET", url, headers={**headers, "Range": byte_range}, redirect=False,
+                                     preload_content=False, decode_content=False)  # fmt: skip
+        with self.lock:
+            self.reading.add(response)
+        try:
+            yield response
+        finally:
+            with self.lock:
+                self.reading.discard(response)
+            if response.length_remaining is not None and response.length_remaining <= 1 << 16:
+                response.drain_conn()  # the end of an error answer, say: the connection can be used again
+            else:
+                response.close()
+            response.release_conn()
+
+    def body(self, response, n):
+        """The next n bytes of a response body, in pieces as they arrive. A body that comes slower than MIN_RATE over
+        stall_seconds has stalled: a TimeoutError, retried like a dropped connection."""
+        got, window_start, window_got = 0, time.monotonic(), 0
+        while got < n:
+            piece = response.read1(min(n - got, 1 << 20))
+            if not piece:
+                raise ConnectionResetError(f"connection closed after {got:,} of {n:,} bytes")
+            got, window_got = got + len(piece), window_got + len(piece)
+            yield piece
+            if (elapsed := time.monotonic() - window_start) >= self.stall_seconds:
+                if window_got < MIN_RATE * elapsed:
+                    raise TimeoutError(f"the transfer stalled ({window_got:,} bytes in {elapsed:.0f} s)")
+                window_start, window_got = time.monotonic(), 0
+
+    def close(self):
+        self.stop.set()
+        for _ in range(self.connections):
+            self.jobs.put(None)
+        with self.lock:
+            reading = list(self.reading)
+        for response in reading:  # a read in another thread returns now, not when the server sends something
+            with contextlib.suppress(Exception):
+                response.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class HTTPStatusError(Exception):
+    def __init__(self, status, reason, headers):
+        super().__init__(f"HTTP {status} {reason}".rstrip())
+        self.status, self.reason, self.headers = status, reason, headers
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # a remote file, read by byte range
 
 
 class HTTPFile(io.RawIOBase):
-    """A file on a web server, readable and seekable like a local one: each read is one HTTP range request (retried
-    on its own), so a parquet reader fetches the footer and the row groups it reads, and nothing else."""
+    """A file on a web server, readable and seekable like a local one, read with HTTP range requests. Opening it is
+    one request, in the background, for its last TAIL bytes: the redirect is followed (the hub sends its files to a
+    CDN) and remembered, the size comes from Content-Range, and a parquet footer is in hand. prefetch() asks for the
+    ranges a reader will read next, several at once; a read of anything else is a request of its own."""
 
-    def __init__(self, url, retry, headers=None):
-        self.url, self.retry, self.headers = url, retry, headers or {}
-        self.pos = 0
-        self.size = retry(self._fetch_size, url)
+    def __init__(self, url, client, headers=None):
+        self.url, self.client, self.headers = url, client, headers or {}
+        self.location = url  # where the file is, once the redirect is known
+        self.pos, self.tail = 0, (0, b"")  # (start, bytes): the end of the file, fetched when it was opened
+        self.chunks, self.planned = {}, collections.deque()  # start -> (end, Future of its bytes); (start, length)
+        self.opened = client.submit(client.retry, self._open, url)
 
-    def _request(self, start, end):
-        request = urllib.request.Request(self.url, headers={"Range": f"bytes={start}-{end}"})
-        for key, value in self.headers.items():
-            request.add_unredirected_header(key, value)  # a token goes to the hub, not to the CDN it redirects to
-        return urllib.request.urlopen(request, timeout=TIMEOUT)
+    @property
+    def size(self):
+        return self.client.wait(self.opened)
 
-    def _fetch_size(self):
-        try:
-            with self._request(0, 0) as response:
-                if response.status == 206:  # Content-Range: bytes 0-0/<size>
-                    return int(response.headers["Content-Range"].rpartition("/")[2])
-                return int(response.headers["Content-Length"])  # a server without ranges sends the whole file
-        except urllib.error.HTTPError as e:
-            if e.code == 416:  # no byte 0: an empty file
+    def _open(self):
+        with self._get(f"bytes=-{TAIL}") as response:
+            if response.status == 416:  # no last bytes: an empty file
                 return 0
-            raise
+            if response.status == 200:  # a server that ignores ranges sends the whole file
+                size = response.headers.get("Content-Length")
+                if size is None or not size.isdigit():
+                    raise UserError(f"cannot download {self.url}: the server sent no size (no Content-Length)")
+                if int(size) <= TAIL:
+                    self.tail = (0, b"".join(self.client.body(response, int(size))))
+                return int(size)
+            m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", response.headers.get("Content-Range", ""))
+            if not m:
+                raise UserError(f"cannot download {self.url}: a range answer without a valid Content-Range")
+            start, end, size = map(int, m.groups())
+            self.tail = (start, b"".join(self.client.body(response, end - start + 1)))
+            return size
+
+    @contextlib.contextmanager
+    def _get(self, byte_range):
+        """The response to a range request: at the known location, or after the redirects from the URL (again when a
+        signed CDN URL has expired). The hub's token goes to the hub's host only."""
+        url, hops, hub = self.location, 0, urllib.parse.urlsplit(self.url).netloc
+        while True:
+            headers = self.headers if urllib.parse.urlsplit(url).netloc == hub else {}
+            with self.client.get(url, headers, byte_range) as response:
+                if response.status in (403, 410) and url != self.url and url == self.location:
+                    url = self.url  # refused where the hub sent us: ask the hub where the file is now
+                    continue
+                if response.status in (301, 302, 303, 307, 308):
+                    url, hops = urllib.parse.urljoin(url, response.headers.get("Location", "")), hops + 1
+                    if urllib.parse.urlsplit(url).scheme not in ("http", "https") or hops > MAX_REDIRECTS:
+                        raise UserError(f"cannot download {self.url}: redirected to {url}, which is not followed")
+                    continue
+                if response.status >= 400 and response.status != 416:
+                    raise HTTPStatusError(response.status, response.reason, response.headers)
+                self.location = url
+                yield response
+                return
+
+    def _fetch(self, start, n):
+        """n bytes from start; a retry asks only for what a dropped connection did not deliver."""
+        data = bytearray()
+
+        def attempt():
+            first = start + len(data)
+            with self._get(f"bytes={first}-{start + n - 1}") as response:
+                skip = first if response.status == 200 else 0  # ranges ignored: read past what comes before
+                for piece in self.client.body(response, skip + n - len(data)):
+                    data.extend(piece[skip:])
+                    skip = max(skip - len(piece), 0)
+
+        self.client.retry(attempt, self.url)
+        return bytes(data)
+
+    def prefetch(self, ranges):
+        """Fetch these (start, length) ranges, in order, ahead of the reads that will want them: two per connection
+        in flight or waiting to be read at any time."""
+        self.planned.extend(ranges)
+        self._top_up()
+
+    def _top_up(self):
+        while self.planned and len(self.chunks) < 2 * self.client.connections:
+            start, n = self.planned.popleft()
+            self.chunks[start] = (start + n, self.client.submit(self._fetch, start, n))
+
+    def _piece(self, pos, n):
+        """Bytes from pos on, at most n: from the tail fetched at open, a prefetched range, or a request of its own."""
+        tail_start, tail = self.tail
+        if tail_start <= pos < tail_start + len(tail):
+            return memoryview(tail)[pos - tail_start : pos - tail_start + n]
+        for start, (end, future) in self.chunks.items():
+            if start <= pos < end:
+                piece = memoryview(self.client.wait(future))[pos - start : pos - start + n]
+                # done with: this range once read to its end, and the ranges before it, which the reader skipped
+                self.chunks = {s: c for s, c in self.chunks.items() if s >= start and c[0] > pos + len(piece)}
+                self._top_up()
+                return piece
+        n = min(n, tail_start - pos) if pos < tail_start else n
+        return self.client.wait(self.client.submit(self._fetch, pos, n))
 
     def readinto(self, buffer):
         view = memoryview(buffer).cast("B")
-        n = min(len(view), self.size - self.pos)
-        if n <= 0:
-            return 0
-        got = 0
-
-        def fetch():  # a retry asks only for what a dropped connection did not deliver
-            nonlocal got
-            start = self.pos + got
-            with self._request(start, self.pos + n - 1) as response:
-                while response.status == 200 and start:  # the server ignores ranges: read past what comes before
-                    skipped = len(response.read(min(1 << 20, start)))
-                    if not skipped:
-                        raise ConnectionResetError("connection closed before the requested range")
-                    start -= skipped
-                while got < n:
-                    k = response.readinto(view[got:n])
-                    if not k:
-                        raise ConnectionResetError(f"connection closed after {got:,} of {n:,} bytes")
-                    got += k
-
-        self.retry(fetch, self.url)
+        n, got = max(min(len(view), self.size - self.pos), 0), 0
+        while got < n:
+            piece = self._piece(self.pos + got, n - got)
+            view[got : got + len(piece)] = piece
+            got += len(piece)
         self.pos += n
         return n
 
@@ -174,9 +335,14 @@ class HTTPFile(io.RawIOBase):
     def tell(self):
         return self.pos
 
+    def close(self):
+        self.chunks, self.planned = {}, collections.deque()
+        super().close()
 
-def open_source(source, retry):
-    """A binary file object for a local path, an http(s) URL or an hf:// path."""
+
+def open_source(source, client):
+    """A binary file object for a local path, an http(s) URL or an hf:// path. A remote file opens in the background:
+    the first read (or its size) waits for it."""
     if not is_remote(source):
         return open(source, "rb")
     headers = {}
@@ -188,7 +354,7 @@ def open_source(source, retry):
         path = urllib.parse.quote(m["path"])
         headers = {k: v for k, v in build_hf_headers().items() if k.lower() == "authorization"}
         source = f"{constants.ENDPOINT}/datasets/{m['repo']}/resolve/{m['revision']}/{path}"
-    return HTTPFile(source, retry, headers)
+    return HTTPFile(source, client, headers)
 
 
 def read_ahead(items, depth, cancel=lambda: None):
@@ -278,6 +444,26 @@ def config_patterns(info, repo, config, split):
     if not patterns:
         raise UserError(f"{repo} ({config}) has no split {split!r}")
     return patterns
+
+
+def list_files(data_files, retry):
+    """--data-files as files: local globs are already expanded; hf:// ones are listed on the hub, pinned to the commit
+    the path names (main by default); an http(s) URL is one file (a web server cannot be listed)."""
+    files = []
+    for pattern in data_files:
+        if not pattern.startswith("hf://"):
+            files.append(pattern)
+            continue
+        m = HF_PATH.match(pattern)
+        if not m:
+            raise UserError(
+                f"--data-files {pattern}: write hf:// paths as hf://datasets/<owner>/<name>[@<revision>]/<path>"
+            )
+        matches = hub_files(m["repo"], m["revision"] or "main", retry, pattern=m["path"])
+        if not matches:
+            raise UserError(f"cannot read --data-files {pattern}: no such file on the hub")
+        files += matches
+    return files
 
 
 def check_hub_reachable():

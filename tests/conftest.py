@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 import time
 
@@ -181,3 +182,38 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+HUB_SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A model of the hub on 127.0.0.1 (tests/loopback_http.py) serving 6 parquet files as /files/corpus/*, and as the
+    dataset test-org/edu (config sample-tiny)."""
+    from loopback_http import LoopbackServer, write_parquet_files
+
+    root = tmp_path_factory.mktemp("www")
+    texts = write_parquet_files(root / "corpus")
+    shutil.copytree(root / "corpus", root / "hub" / "test-org" / "edu" / "sample" / "tiny")
+    write_parquet_files(root / "hub" / "test-org" / "edu" / "data" / "other", n_files=1, seed=1)  # another config's
+    server = LoopbackServer(root)
+    server.texts = texts
+    server.files = sorted(os.listdir(root / "corpus"))
+    server.add_dataset(
+        "test-org/edu",
+        HUB_SHA,
+        [
+            dict(config_name="sample-tiny", data_files=[dict(split="train", path="sample/tiny/*")]),
+            dict(config_name="default", data_files=[dict(split="train", path="data/*/*")]),
+        ],
+    )
+    yield server
+    server.close()
+
+
+@pytest.fixture(autouse=True)
+def clean_server(request):
+    if "server" in request.fixturenames:
+        server = request.getfixturevalue("server")
+        server.reset()

@@ -1,78 +1,25 @@
 """download-fineweb-edu.py over HTTP, against a loopback server of our own: range requests, retries of transient
 faults, one-line permanent errors, resume without re-fetching, the hub's file listing, and no fork under threads."""
 
+import contextlib
 import gzip
 import json
 import os
-import shutil
+import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
 
+from conftest import HUB_SHA as SHA
 from conftest import ROOT, run_script
-from http_files import HTTPFile, Retry
-from loopback_http import LoopbackServer
-from utils import UserError, load_script
+from utils import load_script
 
 DOWNLOADER = "download-fineweb-edu.py"
-WORDS = "the of and to in is was for on that with as by at from it an be this which or are have not had".split()
 N_FILES = 6
-SHA = "0123456789abcdef0123456789abcdef01234567"
-
-
-def write_parquet_files(folder, n_files=N_FILES, docs_per_file=240, seed=0):
-    """Parquet files of word-salad documents in row groups of 40, with a bulky second column the downloader must not
-    fetch. Returns the texts in order."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rng = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
-    texts = []
-    for i in range(n_files):
-        part = [f"file {i} doc {j}: " + " ".join(rng.choice(WORDS, rng.integers(5, 200))) for j in range(docs_per_file)]
-        part[7] = ""  # an empty document still gets its EOT
-        noise = [rng.bytes(600).hex() for _ in part]
-        table = pa.table({"text": part, "metadata": noise})
-        pq.write_table(table, os.path.join(folder, f"{i:03d}_00000.parquet"), row_group_size=40)
-        texts += part
-    return texts
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("www")
-    texts = write_parquet_files(root / "corpus")
-    shutil.copytree(root / "corpus", root / "hub" / "test-org" / "edu" / "sample" / "tiny")
-    write_parquet_files(root / "hub" / "test-org" / "edu" / "data" / "other", n_files=1, seed=1)  # another config's
-    server = LoopbackServer(root)
-    server.texts = texts
-    server.files = sorted(os.listdir(root / "corpus"))
-    server.add_dataset(
-        "test-org/edu",
-        SHA,
-        [
-            dict(config_name="sample-tiny", data_files=[dict(split="train", path="sample/tiny/*")]),
-            dict(config_name="default", data_files=[dict(split="train", path="data/*/*")]),
-        ],
-    )
-    yield server
-    server.close()
-
-
-@pytest.fixture(autouse=True)
-def clean_server(request):
-    if "server" in request.fixturenames:
-        server = request.getfixturevalue("server")
-        server.faults.clear()
-        server.delay = 0.0
-        server.ranges = True
-        server.reset_counts()
 
 
 def urls(server):
@@ -107,7 +54,7 @@ def test_shards_over_http_equal_shards_from_the_same_files_on_disk(server, local
     # range requests: the text column only, never the bulky metadata column
     total = sum(os.path.getsize(os.path.join(server.root, "corpus", f)) for f in server.files)
     assert sum(server.sent.values()) < total / 3, (sum(server.sent.values()), total)
-    assert all(rng is not None for _, rng, _ in server.requests)
+    assert all(request.range is not None for request in server.requests)
 
 
 def test_transient_faults_are_retried_and_change_nothing(server, local_reference, tmp_path):
@@ -223,10 +170,11 @@ def test_the_default_source_lists_the_configs_parquet_files_through_huggingface_
     assert manifest["files"] == [f"hf://datasets/test-org/edu@{SHA}/sample/tiny/{name}" for name in server.files]
     assert manifest["source"]["revision"] == "main"
     # the token goes to the hub's API and resolve URLs, never to where the files are redirected
-    hub = [(path, auth) for path, _, auth in server.requests if "/test-org/edu/" in path]
-    assert all(auth == "Bearer hf_loopbacktoken" for path, auth in hub if not path.startswith("/files")), hub
-    assert all(auth is None for path, _, auth in server.requests if path.startswith("/files"))
-    assert any(path.startswith("/files/hub/test-org/edu/sample/tiny/") for path, _, _ in server.requests)
+    hub = [r for r in server.requests if r.host == "hub" and "/test-org/edu/" in r.path]
+    assert hub and all(r.authorization == "Bearer hf_loopbacktoken" for r in hub), hub
+    cdn = [r for r in server.requests if r.host == "cdn"]
+    assert all(r.authorization is None and r.path.startswith("/files/hub/test-org/edu/sample/tiny/") for r in cdn)
+    assert len(cdn) > len(server.files)
 
     # a resume takes the file list from the manifest: the hub is not listed again
     manifest["shards"] = manifest["shards"][:5]
@@ -236,7 +184,7 @@ def test_the_default_source_lists_the_configs_parquet_files_through_huggingface_
     r = run(*args, env=hub_env(server))
     assert r.returncode == 0, r.stderr
     assert shards(out) == shards(local_reference)
-    assert not any(path.startswith("/api/datasets/") for path, _, _ in server.requests)
+    assert not any(r.path.startswith("/api/datasets/") for r in server.requests)
 
 
 def test_hf_paths_with_globs_and_a_missing_config(server, local_reference, tmp_path):
@@ -285,35 +233,66 @@ def test_tokenizer_workers_are_not_forked_from_the_downloading_process():
     assert results[0][0].dtype == np.uint16
 
 
-def test_http_file_reads_ranges_and_resumes_a_dropped_body(server):
-    path = os.path.join(server.root, "corpus", server.files[0])
-    data = open(path, "rb").read()
-    server.fault(r"000_00000", count=2)
-    with HTTPFile(urls(server)[0], Retry(wait=0.01)) as f:
-        assert f.size == len(data)
-        f.seek(1000)
-        assert f.read(5000) == data[1000:6000]
-        f.seek(-10, os.SEEK_END)
-        assert f.read(100) == data[-10:] and f.read(10) == b""
-    server.reset_counts()
-    with HTTPFile(urls(server)[0], Retry(wait=0.01)) as f:
-        assert f.read() == data  # the whole file in one request (after the one that asks for the size)
-    assert len(server.requests) == 2
-    server.ranges = False  # every answer is the whole file: the reader skips to the part it asked for
-    with HTTPFile(urls(server)[0], Retry(wait=0.01)) as f:
-        assert f.size == len(data)
-        f.seek(7000)
-        assert f.read(3000) == data[7000:10000]
-    with pytest.raises(UserError, match="cannot download http://no-such-host.invalid/x: "):
-        HTTPFile("http://no-such-host.invalid/x", Retry(wait=0.01))  # no such host: not retried
+def resolve_urls(server):
+    return [f"{server.url}/datasets/test-org/edu/resolve/{SHA}/sample/tiny/{name}" for name in server.files]
 
 
-def test_a_stopped_retry_does_not_wait_out_its_backoff(server):
-    """When the download is stopped (Ctrl-C, an error elsewhere), the reader thread is not left sleeping for a retry."""
-    retry = Retry(wait=30)
-    server.fault(r"000_00000", status=503)
-    threading.Timer(0.5, retry.stop.set).start()
-    t0 = time.time()
-    with pytest.raises(UserError, match="stopped"):
-        HTTPFile(urls(server)[0], retry)
-    assert time.time() - t0 < 5
+@pytest.mark.parametrize("connections", [8, 1])
+def test_over_a_wan_one_redirect_per_file_a_request_per_row_group_and_the_same_shards(
+    server, local_reference, tmp_path, connections
+):
+    """However many requests are in flight, the documents come in order: the shards and the resume positions are the
+    local run's."""
+    server.wan(delay=0.02, connect_delay=0.06)
+    out = tmp_path / "out"
+    r = run("--data-files", *resolve_urls(server), "--out-dir", out, "--connections", connections)
+    assert r.returncode == 0, r.stderr
+    assert shards(out) == shards(local_reference)
+    manifest, local = (json.loads((d / "manifest.json").read_text()) for d in (out, local_reference))
+    assert [s["next_position"] for s in manifest["shards"]] == [s["next_position"] for s in local["shards"]]
+    row_groups = 6 * len(server.files)
+    assert len([r for r in server.requests if r.host == "hub"]) == len(server.files)  # one redirect per file
+    assert len([r for r in server.requests if r.host == "cdn"]) == row_groups + len(server.files)  # + size, footer
+    assert server.connections["cdn"] <= connections and server.connections["hub"] <= connections
+    assert "retry" not in r.stderr
+
+
+def test_a_download_stalled_by_a_dribbling_server_goes_on_after_the_stall_time(server, local_reference, tmp_path):
+    server.fault(server.files[2], mode="dribble", every=0.2, count=2)
+    out = tmp_path / "out"
+    r = run("--data-files", *resolve_urls(server), "--out-dir", out, "--stall-seconds", 1, "--retry-wait", 0.01)
+    assert r.returncode == 0, r.stderr
+    assert shards(out) == shards(local_reference)
+    assert r.stderr.count("the transfer stalled (") == 2, r.stderr
+
+
+def test_no_moment_of_ctrl_c_hangs_a_download_over_a_bad_network(server, tmp_path):
+    """Twenty tries at random moments of a download over a WAN whose server dribbles, goes silent and drops
+    connections: every one ends within seconds with the one-line message (or is done), and leaves no process."""
+    from test_processes import assert_nothing_left, tokenizer_processes
+
+    rng = random.Random(0)
+    server.wan(delay=0.05, connect_delay=0.15, connection_rate=2e6, link_rate=6e6)
+    for attempt in range(20):
+        server.faults.clear()
+        server.fault(server.files[rng.randrange(6)], mode="dribble", every=1.0, count=50)
+        server.fault(server.files[rng.randrange(6)], mode="silent", every=60, count=50)
+        server.fault(server.files[rng.randrange(6)], mode="drop", count=3)
+        out = str(tmp_path / f"out{attempt}")
+        cmd = [sys.executable, os.path.join(ROOT, DOWNLOADER), "--data-files", *resolve_urls(server), "--out-dir", out,
+               "--shard-size", "4000", "--workers", "2", "--retry-wait", "0.01"]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # fmt: skip
+        assert tokenizer_processes(proc), "the tokenizer processes never started"
+        time.sleep(rng.uniform(0, 3.0))
+        with contextlib.suppress(ProcessLookupError):  # the run was over already
+            os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.time()
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"try {attempt}: still running 30 s after Ctrl-C")
+        assert time.time() - t0 < 5, (attempt, time.time() - t0)
+        assert proc.returncode in (130, 0, -2) and "Traceback" not in err, (attempt, err[-2000:])
+        assert_nothing_left(proc)
