@@ -4,6 +4,7 @@ Benchmarks that compare variants side by side in one run and print the ratios.
     python bench.py gpu --profile --out report.json   # the GPU path end to end, and where the step's time goes
     python bench.py gpu --device cpu --quick          # the same checks with small shapes, on a CPU
     python bench.py tokenize            # download-fineweb-edu.py vs the common nanoGPT-style tokenizing loop
+    python bench.py download            # download-fineweb-edu.py over a model of the hub on a WAN vs local files
     python bench.py hellaswag           # hellaswag.py vs a plain one-example-per-forward scorer, small model on CPU
 """
 
@@ -232,6 +233,86 @@ def bench_tokenize(args):
         f"tokenize speedup: {best['baseline'] / best['ours']:.2f}x over the nanoGPT-style loop "
         f"({n_tokens:,} tokens, best of {args.repeats})"
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# downloading
+
+
+def write_parquet_corpus(folder, min_tokens, files=7, rows_per_group=1500, seed=0):
+    """Parquet files like FineWeb-Edu's (the text column and a bulky one beside it, row groups of rows_per_group)
+    holding write_corpus's documents. Returns the file names."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_corpus(os.path.join(folder, "corpus.jsonl"), min_tokens, seed)
+    with open(os.path.join(folder, "corpus.jsonl")) as f:
+        texts = [json.loads(line)["text"] for line in f]
+    os.remove(os.path.join(folder, "corpus.jsonl"))
+    rng, per_file = np.random.default_rng(seed), -(-len(texts) // files)
+    for i in range(files):
+        part = texts[i * per_file : (i + 1) * per_file]
+        table = pa.table({"text": part, "metadata": [rng.bytes(200).hex() for _ in part]})
+        pq.write_table(table, os.path.join(folder, f"{i:03d}_00000.parquet"), row_group_size=rows_per_group)
+    return [f"{i:03d}_00000.parquet" for i in range(files)]
+
+
+def run_downloader(*args):
+    """One run in its own process, as a user starts it: (tokens/s it reports, seconds)."""
+    cmd = [sys.executable, os.path.join(ROOT, "download-fineweb-edu.py"), *map(str, args)]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise UserError(f"the downloader failed: {first_line(r.stderr.strip().splitlines()[-1])}")
+    return float(r.stdout.split(" s, ")[-1].split(" tokens/s")[0].replace(",", "")), time.perf_counter() - t0
+
+
+def bench_download(args):
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from loopback_http import LoopbackServer  # the model of the hub the tests use
+
+    sha, rtt = "0" * 40, args.rtt_ms / 1000
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "hub", "bench", "edu", "data")
+        os.makedirs(folder)
+        names = write_parquet_corpus(folder, args.tokens)
+        server = LoopbackServer(tmp)
+        server.add_dataset("bench/edu", sha, [])
+        sources = {"local": [os.path.join(folder, n) for n in names],
+                   "wan": [f"{server.url}/datasets/bench/edu/resolve/{sha}/data/{n}" for n in names]}  # fmt: skip
+        rates, counts = {"local": [], "wan": []}, {}
+        for attempt in range(args.repeats):
+            for name, files in sources.items():
+                server.reset()
+                if name == "wan":
+                    server.wan(rtt, 3 * rtt, args.connection_mb_s * 1e6, args.link_mb_s * 1e6)
+                out = os.path.join(tmp, f"{name}{attempt}")
+                rates[name].append(run_downloader("--data-files", *files, "--out-dir", out, "--shard-size", 10**7,
+                                                  "--connections", args.connections)[0])  # fmt: skip
+                counts[name] = (len(server.requests), sum(server.connections.values()), sum(server.sent.values()))
+        with open(os.path.join(tmp, "wan0", "manifest.json")) as f:
+            tokens = json.load(f)["tokens"]
+        row_groups = sum(pq_row_groups(os.path.join(folder, n)) for n in names)
+        server.close()
+    local, wan = max(rates["local"]), max(rates["wan"])
+    requests, connections, sent = counts["wan"]
+    link = args.link_mb_s * 1e6 / (sent / tokens)  # tokens/s the link can carry, at the bytes fetched per token
+    limit = min(local, link)
+    print(f"corpus: {len(names)} parquet files, {row_groups} row groups, {tokens:,} tokens; {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(f"WAN model: {args.rtt_ms:g} ms round trip (3 more for a new connection), {args.connection_mb_s:g} MB/s "
+          f"per connection, {args.link_mb_s:g} MB/s link; --connections {args.connections}")  # fmt: skip
+    print(f"{'':>6} {'Mtok/s':>7}\n{'local':>6} {local / 1e6:7.2f}\n{'WAN':>6} {wan / 1e6:7.2f}")
+    print(f"per row group over the WAN: {requests / row_groups:.2f} requests, {connections / row_groups:.3f} new "
+          f"connections; {sent / tokens:.2f} bytes per token, so the link carries {link / 1e6:.1f} Mtok/s")  # fmt: skip
+    print(f"download ratio: {wan / limit:.2f} of min(link, tokenizer) = {limit / 1e6:.2f} Mtok/s "
+          f"(WAN {wan / local:.2f}x local, best of {args.repeats}; target 0.80)")  # fmt: skip
+
+
+def pq_row_groups(path):
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).num_row_groups
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -618,6 +699,13 @@ def main():
     t.add_argument("--tokens", type=parse_count, default=10_000_000, help="corpus size in tokens (at least)")
     t.add_argument("--shard-size", type=parse_count, default=2_000_000)
     t.add_argument("--repeats", type=parse_count, default=2)
+    d = sub.add_parser("download", help="download-fineweb-edu.py over a model of the hub on a WAN against local files")
+    d.add_argument("--tokens", type=parse_count, default=20_000_000, help="corpus size in tokens (at least)")
+    d.add_argument("--repeats", type=parse_count, default=2)
+    d.add_argument("--connections", type=parse_count, default=8, help="the downloader's --connections")
+    d.add_argument("--rtt-ms", type=float, default=50.0, help="the round trip, in milliseconds")
+    d.add_argument("--connection-mb-s", type=float, default=10.0, help="the bandwidth of one connection, MB/s")
+    d.add_argument("--link-mb-s", type=float, default=60.0, help="the bandwidth of the whole link, MB/s")
     h = sub.add_parser("hellaswag", help="hellaswag.py (both conventions) against a one-example-per-forward scorer")
     for name, default in dict(examples=300, n_layer=4, n_head=4, n_embd=128, batch_size=32, repeats=2).items():
         h.add_argument("--" + name.replace("_", "-"), type=parse_count, default=default)
@@ -630,14 +718,17 @@ def main():
     g.add_argument("--profile", action="store_true", help="also the reference step's top operators and kernels by time")
     g.add_argument("--work-dir", default="", help="keep the runs' logs, checkpoints and data here (default: temporary)")
     args = p.parse_args()
-    counts = [n for n in ("tokens", "shard_size", "repeats", "examples", "n_layer", "n_head", "n_embd", "batch_size")
-              if hasattr(args, n)]  # fmt: skip
+    counts = [n for n in ("tokens", "shard_size", "repeats", "examples", "n_layer", "n_head", "n_embd", "batch_size",
+                          "connections") if hasattr(args, n)]  # fmt: skip
     check_flags(args, "at least 1", lambda v: v >= 1, *counts)
+    rates = [n for n in ("rtt_ms", "connection_mb_s", "link_mb_s") if hasattr(args, n)]
+    check_flags(args, "more than 0", lambda v: v > 0, *rates)
     if args.bench == "hellaswag" and args.n_embd % args.n_head:
         raise UserError(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     if args.bench == "gpu":
         check_output_path(args.out, "--out")
-    {"tokenize": bench_tokenize, "hellaswag": bench_hellaswag, "gpu": bench_gpu}[args.bench](args)
+    benches = dict(tokenize=bench_tokenize, download=bench_download, hellaswag=bench_hellaswag, gpu=bench_gpu)
+    benches[args.bench](args)
 
 
 if __name__ == "__main__":

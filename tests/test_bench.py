@@ -40,3 +40,19 @@ def test_bench_gpu_quick_on_the_cpu_passes_every_check_and_writes_the_report_wit
     assert all(op["calls"] >= 1 and op["self_ms_per_step"] > 0 for op in profile["top"])
     assert "where a step's" in r.stdout and "the top 10:" in r.stdout
     assert len(reference["variants"]) == 3 and "profile" not in reference["variants"][0]
+
+
+def test_bench_download_prints_local_and_wan_side_by_side_with_requests_per_row_group():
+    r = run_script("bench.py", "download", "--tokens", 3_000_000, "--repeats", 1, "--connections", 4, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    rates = {line.split()[0]: float(line.split()[1]) for line in lines if len(line.split()) == 2}  # the table
+    assert rates["local"] > 0 and rates["WAN"] > 0
+    corpus = next(line for line in lines if line.startswith("corpus: "))
+    files, row_groups = int(corpus.split()[1]), int(corpus.split(", ")[1].split()[0])
+    per_row_group = next(line for line in lines if line.startswith("per row group over the WAN: "))
+    requests = float(per_row_group.split(": ")[1].split(" requests")[0])
+    assert requests == round((row_groups + 2 * files) / row_groups, 2), per_row_group  # + a redirect and a tail a file
+    ratio = next(line for line in lines if line.startswith("download ratio: "))
+    times_local = float(ratio.split("(WAN ")[1].split("x local")[0])
+    assert abs(times_local - rates["WAN"] / rates["local"]) < 0.02 and "--connections 4" in r.stdout
