@@ -35,7 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 import hellaswag
 import sample
 import train
-from checkpoint import load_model, read_log
+from checkpoint import load_model, pick_device, read_log
 from model import GPT, GPTConfig, is_cuda, peak_flops
 from utils import (
     EOT,
@@ -48,7 +48,6 @@ from utils import (
     get_tokenizer,
     load_script,
     parse_count,
-    pick_device,
     run_cli,
     write_json,
 )

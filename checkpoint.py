@@ -1,9 +1,12 @@
 """
 What keeps a run alive: checkpoints (written atomically, pruned, loaded), the decision where a run starts or resumes,
-the out-dir lock, the stop signal, the RNG state, a log that survives kills, errors that stop every rank, and models
-loaded from checkpoints of ours, nanoGPT's, build-nanogpt's or transformers' for sample.py and hellaswag.py.
+the out-dir lock, the stop signal, the RNG state, a log that survives kills, the device and the process group, errors
+that stop every rank, and models loaded from checkpoints of ours, nanoGPT's, build-nanogpt's or transformers' for
+sample.py and hellaswag.py.
 """
 
+import datetime
+import errno
 import json
 import math
 import os
@@ -19,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from model import GPT, MODEL_SIZES, GPTConfig, is_cuda
-from utils import UserError, atomic_write, first_line, gpt2_bpe_files, remove_leftovers, write_json
+from utils import UserError, atomic_write, first_line, gpt2_bpe_files, write_json
 
 CHECKPOINT_NAME = re.compile(r"^ckpt_(\d{6,})\.pt$")
 # settings a checkpoint cannot continue under; any other change on --resume is allowed and logged
@@ -112,15 +115,16 @@ def restore(start, model, optimizer, train_loader, device):
     return checkpoint["step"], checkpoint.get("val_loss")
 
 
-def take_out_dir(out_dir):
-    """Lock out_dir for this run and clear what a killed run left half-written. A second train.py on the same
-    directory is refused at once; the kernel drops the lock when its process ends, even by kill -9."""
+def take_out_dir(out_dir, script="train.py", leftovers=r"ckpt_\d{6,}\.pt|loss\.png"):
+    """Lock out_dir for this run of script and clear what a killed run left half-written (the files named like the
+    regex leftovers; a checkpoint cut short holds up to 1.5 GB for 124M). A second run of script on the same directory
+    is refused at once; the kernel drops the lock when its process ends, even by kill -9."""
     import fcntl
     import socket
 
     try:
         os.makedirs(out_dir, exist_ok=True)
-        lock = open(os.path.join(out_dir, "train.lock"), "a+")
+        lock = open(os.path.join(out_dir, script.removesuffix(".py") + ".lock"), "a+")
     except OSError as e:
         raise UserError(f"cannot write to --out-dir {out_dir}: {e.strerror}") from e
     try:
@@ -129,14 +133,31 @@ def take_out_dir(out_dir):
         lock.seek(0)
         owner = lock.read().strip() or "owner unknown"
         raise UserError(
-            f"{out_dir} is in use by another train.py ({owner}): wait for it, or choose another --out-dir"
+            f"{out_dir} is in use by another {script} ({owner}): wait for it, or choose another --out-dir"
         ) from e
     lock.seek(0)
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     lock.flush()
-    remove_leftovers(out_dir, r"ckpt_\d{6,}\.pt|loss\.png")  # a checkpoint cut short holds up to 1.5 GB for 124M
+    remove_leftovers(out_dir, leftovers)
     return lock
+
+
+def remove_leftovers(directory, names):
+    """Delete what atomic_write left in directory when a kill cut it short, for the files named like the regex names."""
+    leftover = re.compile(rf"^({names})\.\d+\.tmp$")
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        if leftover.match(name):
+            os.remove(os.path.join(directory, name))
+
+
+def describe_write_error(e, out_dir, needed_bytes):
+    """What went wrong in a write, in words; a full disk (numpy reports it as "N requested and M written") with how
+    much room is left and needed."""
+    free = shutil.disk_usage(out_dir).free if os.path.isdir(out_dir) else None
+    if e.errno == errno.ENOSPC or (free is not None and free < needed_bytes):
+        return f"the disk holding {out_dir} is full ({free / 1e6:,.1f} MB free, {needed_bytes / 1e6:,.1f} MB needed)"
+    return first_line(e)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -351,6 +372,54 @@ def broadcast_from_rank0(obj, device):
         return x
 
     return fill(holder[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the device and the process group
+
+
+def pick_device(device="auto"):
+    """The device to run on: "auto" picks CUDA, then MPS, then the CPU; one asked for by name must be there."""
+    mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
+        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto")
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise UserError(
+            f"device {device!r}: no CUDA GPU is visible to torch {torch.__version__} ({build}); use --device cpu"
+        )
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"device {device!r}: only {torch.cuda.device_count()} CUDA GPUs are visible")
+    if kind == "mps" and not mps:
+        raise UserError(f"device {device!r}: Apple's MPS is not available here; use --device cpu")
+    return device
+
+
+def setup_distributed(device="auto"):
+    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU), else run as a single process.
+    Returns (device, ddp_rank, ddp_local_rank, ddp_world_size)."""
+    device = pick_device(device)
+    if "RANK" not in os.environ:  # not launched by torchrun
+        return device, 0, 0, 1
+    ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    kwargs = dict(backend="gloo")
+    if is_cuda(device):
+        device = f"cuda:{ddp_local_rank}"  # one GPU per process
+        torch.cuda.set_device(device)
+        kwargs = dict(backend="nccl", device_id=torch.device(device))  # binds the communicator to this rank's GPU
+    # the other ranks wait at the next collective while rank 0 writes a checkpoint (19 GB for gpt2-1558m)
+    dist.init_process_group(timeout=datetime.timedelta(minutes=30), **kwargs)
+    return device, ddp_rank, ddp_local_rank, ddp_world_size
+
+
+def teardown_distributed():
+    """Leave the process group, if any: after a barrier (a rank gone while rank 0 still writes aborts the others)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------------

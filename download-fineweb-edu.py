@@ -22,7 +22,6 @@ of documents, and the tokenizer processes.
 
 import collections
 import contextlib
-import errno
 import glob
 import gzip
 import io
@@ -31,8 +30,6 @@ import multiprocessing as mp
 import os
 import re
 import select
-import shutil
-import signal
 import threading
 import time
 import urllib.parse
@@ -43,9 +40,11 @@ from multiprocessing.connection import wait
 import numpy as np
 from tqdm import tqdm
 
+from checkpoint import describe_write_error, take_out_dir
 from http_files import HTTPClient, HTTPFile, Retry, hub_files, is_remote, list_files, open_source, read_ahead
 from utils import (
     EOT,
+    SHARD_NAME,
     UserError,
     atomic_write,
     call_in_script,
@@ -54,9 +53,9 @@ from utils import (
     config_parser,
     first_line,
     get_tokenizer,
-    remove_leftovers,
     run_cli,
     sha256_file,
+    shard_fingerprint,
     write_json,
 )
 
@@ -97,8 +96,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, stop_on_sigterm)  # as Ctrl-C: the tokenizer processes and reader stop too
     if args.verify:
         manifest = verify(args.out_dir)
         tokens = sum(s["tokens"] for s in manifest["shards"])
@@ -109,15 +106,21 @@ def main(argv=None):
     retry = Retry(args.retries, args.retry_wait, then="the finished shards are kept: run again to continue")
     source = source_settings(args)
     manifest = load_manifest(args.out_dir, source)
-    if manifest is None:  # a new run: the list of files is fixed once, here, and kept in the manifest
-        files = input_files(args, source, retry)
-        manifest = dict(source=source, files=files, inputs=input_fingerprint(files), shards=[], complete=False)
-    if manifest["complete"]:
-        print(f"{args.out_dir} is complete ({len(manifest['shards'])} shards); --verify checks it")
-        return
-    # a shard or the manifest left half-written by a killed run
-    remove_leftovers(args.out_dir, rf"{re.escape(args.prefix)}_(val|train)_\d{{6}}\.npy|{re.escape(MANIFEST)}")
+    files = manifest["files"] if manifest else input_files(args, source, retry)  # listed once, kept in the manifest
+    # one downloader per out dir; then a shard or the manifest left half-written by a killed run is removed
+    leftovers = rf"{re.escape(args.prefix)}_(val|train)_\d{{6}}\.npy|{re.escape(MANIFEST)}"
+    with take_out_dir(args.out_dir, "download-fineweb-edu.py", leftovers):
+        manifest = load_manifest(args.out_dir, source) or dict(  # again: another run may have written it meanwhile
+            source=source, files=files, inputs=input_fingerprint(files), shards=[], complete=False
+        )
+        if manifest["complete"]:
+            print(f"{args.out_dir} is complete ({len(manifest['shards'])} shards); --verify checks it")
+            return
+        write_shards(args, manifest, retry)
 
+
+def write_shards(args, manifest, retry):
+    """Shards from where the manifest ends to the end, then the manifest says complete."""
     t0 = time.time()
     done = sum(s["tokens"] for s in manifest["shards"])
     with tqdm(initial=done, unit="tok", unit_scale=True, smoothing=0.1, desc="tokenizing") as progress:
@@ -131,14 +134,6 @@ def main(argv=None):
           f"(1 val, {n_train} train) under {args.out_dir}, {seconds:.1f} s, {rate:,.0f} tokens/s")  # fmt: skip
     if n_train == 0:
         print("warning: the corpus ended inside the val shard, leaving no train shards: use a smaller --shard-size")
-
-
-def stop_on_sigterm(signum, frame):
-    """SIGTERM stops the download the way Ctrl-C does (exit status 143); a second one ends it at once."""
-    signal.signal(signum, signal.SIG_DFL)
-    stop = KeyboardInterrupt()
-    stop.signum = signum
-    raise stop
 
 
 def tokenize_to_shards(args, files, manifest, progress, retry):
@@ -167,6 +162,8 @@ def tokenize_to_shards(args, files, manifest, progress, retry):
                     writer.flush(doc_index, pos, doc_index, (file, row))
                     return doc_index + 1
                 if writer.fill == writer.shard_size:
+                    if writer.split == "val":  # a document longer than the val shard is cut: no document is in both
+                        pos = len(doc)
                     done = pos == len(doc)  # the next shard starts with the next document, or inside this one
                     writer.flush(doc_index + done, 0 if done else pos, doc_index, (file, row + done))
             doc_index += 1
@@ -218,7 +215,6 @@ class ShardWriter:
         name = f"{self.manifest['source']['prefix']}_{self.split}_{index:06d}.npy"
         path = os.path.join(self.out_dir, name)
         try:
-            os.makedirs(self.out_dir, exist_ok=True)  # only now: a run that never gets data leaves no empty folder
             with atomic_write(path) as f:
                 np.save(f, self.buffer[: self.fill])
         except OSError as e:
@@ -229,7 +225,8 @@ class ShardWriter:
         # where the next shard starts, as (document, token offset) and as (file, row) in the input files
         entry = dict(file=name, split=self.split, tokens=self.fill, first_document=self.first_document,
                      last_document=last_document, next=[next_document, next_offset],
-                     next_position=list(next_position), sha256=sha256_file(path))  # fmt: skip
+                     next_position=list(next_position), sha256=sha256_file(path),
+                     fingerprint=shard_fingerprint(path))  # fmt: skip
         self.manifest["shards"].append(entry)
         try:
             write_json(os.path.join(self.out_dir, MANIFEST), self.manifest)
@@ -251,15 +248,6 @@ def source_settings(args):
     else:
         source.update(dataset=args.dataset, name=args.name, split=args.split, revision=args.revision)
     return source
-
-
-def describe_write_error(e, out_dir, needed_bytes):
-    """What went wrong in a write, in words; a full disk (numpy reports it as "N requested and M written") with how
-    much room is left and needed."""
-    free = shutil.disk_usage(out_dir).free if os.path.isdir(out_dir) else None
-    if e.errno == errno.ENOSPC or (free is not None and free < needed_bytes):
-        return f"the disk holding {out_dir} is full ({free / 1e6:,.1f} MB free, {needed_bytes / 1e6:,.1f} MB needed)"
-    return first_line(e)
 
 
 def check_out_dir(out_dir):
@@ -293,6 +281,8 @@ def read_manifest(out_dir):
                 raise TypeError(f"shard entry {shard!r:.80} is incomplete")
             if len(shard["next_position"]) != 2 or not all(isinstance(i, int) for i in shard["next_position"]):
                 raise TypeError(f"shard entry {shard['file']} has a bad next_position")
+            if not SHARD_NAME.fullmatch(shard["file"]):
+                raise TypeError(f"shard entry {shard['file']!r} is not a shard's name in this directory")
         if not isinstance(manifest["files"], list) or not isinstance(manifest["inputs"], list):
             raise TypeError("files or inputs is not a list")
         return manifest

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from checkpoint import broadcast_from_rank0, load_model
+from checkpoint import broadcast_from_rank0, load_model, setup_distributed, teardown_distributed
 from http_files import HTTPClient, HTTPFile, Retry
 from model import GPT2_VOCAB_SIZE, autocast, exact_fp32_matmul
 from utils import (
@@ -35,8 +35,6 @@ from utils import (
     config_parser,
     get_tokenizer,
     run_cli,
-    setup_distributed,
-    teardown_distributed,
     write_json,
 )
 

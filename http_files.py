@@ -408,8 +408,19 @@ def hub_glob(api, repo, revision, pattern, retry):
     what = f"the file list of hf://datasets/{repo}@{revision}/{folder}"
     tree = retry(lambda: list(api.list_repo_tree(repo, folder or None, recursive=True, revision=revision,
                                                 repo_type="dataset")), what)  # fmt: skip
-    paths = sorted(e.path for e in tree if isinstance(e, RepoFile) and fnmatch.fnmatchcase(e.path, pattern))
+    paths = sorted(e.path for e in tree if isinstance(e, RepoFile) and glob_match(e.path, pattern))
+    for path in paths:
+        if path.startswith("/") or ".." in path.split("/"):
+            raise UserError(f"{what}: the hub listed {path!r}, a path outside the dataset: refused")
     return [f"hf://datasets/{repo}@{revision}/{p}" for p in paths]
+
+
+def glob_match(path, pattern):
+    """A glob as the hub's file system reads it: * and ? match within one folder, ** across folders."""
+    if "**" in pattern:
+        return fnmatch.fnmatchcase(path, pattern)
+    parts, names = pattern.split("/"), path.split("/")
+    return len(parts) == len(names) and all(fnmatch.fnmatchcase(n, p) for n, p in zip(names, parts))
 
 
 def hub_files(repo, revision, retry, config=None, split=None, pattern=None):
@@ -427,6 +438,8 @@ def hub_files(repo, revision, retry, config=None, split=None, pattern=None):
         ) from e
     api = HfApi()  # the endpoint from HF_ENDPOINT, the token from HF_TOKEN or `hf auth login`
     info = retry(lambda: api.dataset_info(repo, revision=revision), f"hf://datasets/{repo}@{revision}")
+    if not re.fullmatch(r"[0-9a-f]{40}", str(info.sha)):  # it goes into URLs and the manifest: a commit id or nothing
+        raise UserError(f"hf://datasets/{repo}@{revision}: the hub answered {info.sha!r}, not a commit id")
     patterns = [pattern] if pattern is not None else config_patterns(info, repo, config, split)
     return [f for p in patterns for f in hub_glob(api, repo, info.sha, p, retry)]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import load_model
+from checkpoint import load_model, pick_device
 from model import exact_fp32_matmul
 from utils import (
     EOT,
@@ -22,7 +22,6 @@ from utils import (
     check_output_path,
     config_parser,
     get_tokenizer,
-    pick_device,
     run_cli,
     write_json,
 )

@@ -39,7 +39,9 @@ from checkpoint import (
     model_from_checkpoint,
     restore,
     rng_states,
+    setup_distributed,
     take_out_dir,
+    teardown_distributed,
     write_checkpoint,
 )
 from misc.plot_log import plot_log
@@ -50,10 +52,8 @@ from utils import (
     UserError,
     check_flags,
     config_parser,
-    download_incomplete,
+    data_manifest,
     run_cli,
-    setup_distributed,
-    teardown_distributed,
 )
 
 
@@ -368,7 +368,7 @@ def open_loaders(config, ddp_rank, ddp_world_size, master_process):
         raise UserError(
             f"data directory {config.data_dir} {what}: run download-fineweb-edu.py first (or try --preset quickstart)"
         )
-    if master_process and download_incomplete(config.data_dir):  # the shards so far are usable
+    if master_process and data_manifest(config.data_dir).get("complete") is False:  # the shards so far are usable
         print(
             f"warning: {config.data_dir}/manifest.json says the download is not complete: "
             "training on the shards there so far"

@@ -1,12 +1,11 @@
 """
 Mainly the data loader: GPT-2's tokenizer, the token shards and ShardedDataLoader. Then the few helpers every script
-shares: one-line errors, flags from a dataclass, atomic writes, the device and DDP setup.
+shares: one-line errors, flags from a dataclass, atomic writes, loading a script as a module.
 """
 
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import functools
 import hashlib
 import importlib.util
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import GPT2_VOCAB_SIZE, is_cuda
+from model import GPT2_VOCAB_SIZE
 
 EOT = 50256  # <|endoftext|>: starts every document in the shards
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -90,31 +89,56 @@ def get_tokenizer():
 # ----------------------------------------------------------------------------------------------------------------
 # token shards: <prefix>_<split>_<NNNNNN>.npy, uint16, each document stored as EOT followed by its tokens
 
-SHARD_NAME = re.compile(r"^(?P<prefix>.+)_(?P<split>train|val)_(?P<index>\d{6})\.npy$")
+SHARD_NAME = re.compile(r"^(?P<prefix>[^/]+)_(?P<split>train|val)_(?P<index>\d{6})\.npy$")
 
 
-def find_shards(data_dir, split):
-    """The split's shard paths in index order."""
+def find_shards(data_dir, split, warn=True):
+    """The split's shards in index order, as (path, what download-fineweb-edu.py's manifest.json says of it). Where
+    there is a manifest, its shards and no others: a stray shard in the directory is not read, and named."""
     if not os.path.isdir(data_dir):
         raise UserError(f"data directory {data_dir} does not exist")
     matches = [m for name in os.listdir(data_dir) if (m := SHARD_NAME.match(name)) and m["split"] == split]
-    found = sorted((int(m["index"]), m[0]) for m in matches)
+    found = {name: None for _, name in sorted((int(m["index"]), m[0]) for m in matches)}  # shards made otherwise
+    if manifest := data_manifest(data_dir):
+        listed = {s["file"]: s for s in manifest["shards"] if s["split"] == split}
+        if warn and (strays := sorted(set(found) - set(listed))):
+            print(f"warning: {len(strays)} {split} shards in {data_dir} that its manifest.json does not list are not "
+                  f"read: {', '.join(strays[:3])}{', ...' if len(strays) > 3 else ''}", file=sys.stderr)  # fmt: skip
+        found = listed
     if not found:
         raise UserError(f"no {split} shards in {data_dir}: looked for files named <prefix>_{split}_NNNNNN.npy")
-    return [os.path.join(data_dir, name) for _, name in found]
+    return [(os.path.join(data_dir, name), entry) for name, entry in found.items()]
 
 
-def download_incomplete(data_dir):
-    """download-fineweb-edu.py's manifest says it has not finished (shards made otherwise have no manifest)."""
+def data_manifest(data_dir):
+    """download-fineweb-edu.py's manifest.json in data_dir, or {} (shards made otherwise have none)."""
+    path = os.path.join(data_dir, "manifest.json")
+    if not os.path.exists(path):
+        return {}
     try:
-        with open(os.path.join(data_dir, "manifest.json")) as f:
-            return json.load(f).get("complete") is False
-    except (OSError, ValueError, AttributeError):
-        return False
+        with open(path) as f:
+            manifest = json.load(f)
+        assert all(SHARD_NAME.fullmatch(s["file"]) and isinstance(s["tokens"], int) for s in manifest["shards"])
+        return manifest
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        raise UserError(f"{path} is damaged ({first_line(e)}): check it with download-fineweb-edu.py --verify") from e
 
 
-def open_shard(path):
-    """Memory-map a shard: pages are read on demand, so memory does not grow with shard size or count."""
+def shard_fingerprint(path):
+    """sha256 of a shard's size and its first and last MB: cheap at every start, and changed by a replaced shard."""
+    h = hashlib.sha256(str(os.path.getsize(path)).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(os.path.getsize(path) - (1 << 20), 0))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def open_shard(path, entry=None):
+    """Memory-map a shard: pages are read on demand, so memory does not grow with shard size or count. With its
+    manifest entry, the shard must be the one the downloader wrote."""
+    if entry and "fingerprint" in entry and os.path.exists(path) and shard_fingerprint(path) != entry["fingerprint"]:
+        raise UserError(f"shard {path} is not the one manifest.json lists: it changed since it was written")
     try:
         tokens = np.load(path, mmap_mode="r")
     except Exception as e:  # numpy reports bad headers and short files with several exception types
@@ -123,6 +147,8 @@ def open_shard(path):
         raise UserError(f"shard {path} has dtype {tokens.dtype}, expected uint16 token ids")
     if tokens.ndim != 1 or len(tokens) == 0:
         raise UserError(f"shard {path} must be a non-empty 1-D array, has shape {tokens.shape}")
+    if entry and len(tokens) != entry["tokens"]:
+        raise UserError(f"shard {path} holds {len(tokens):,} tokens, manifest.json says {entry['tokens']:,}")
     return tokens
 
 
@@ -151,8 +177,9 @@ class ShardedDataLoader:
         self.B, self.T = B, T
         self.process_rank, self.num_processes = process_rank, num_processes
         self.shuffle, self.seed = shuffle, seed
-        self.paths = find_shards(data_dir, split)
-        self.shards = [open_shard(p) for p in self.paths]
+        found = find_shards(data_dir, split, warn=process_rank == 0)
+        self.paths = [path for path, _ in found]
+        self.shards = [open_shard(path, entry) for path, entry in found]
         self.lengths = np.array([len(s) for s in self.shards], dtype=np.int64)
         self.epoch_tokens = int(self.lengths.sum())
         needed = num_processes * B * T + 1
@@ -277,7 +304,9 @@ def first_line(e):
 
 
 def run_cli(main):
-    """Run a script's main(): a UserError is one line on stderr and exit 2 (GPT2_TRACEBACK=1 shows the traceback)."""
+    """Run a script's main(): a UserError is one line on stderr and exit 2 (GPT2_TRACEBACK=1 shows the traceback).
+    SIGTERM (how schedulers stop a job) stops it the way Ctrl-C does, with exit status 143."""
+    signal.signal(signal.SIGTERM, interrupt)
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets an escape, not a crash
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
@@ -300,6 +329,14 @@ def run_cli(main):
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # after an error: torch warns about a group left behind
+
+
+def interrupt(signum, frame):
+    """A signal as Ctrl-C: KeyboardInterrupt, with the signal's number; a second one ends the script at once."""
+    signal.signal(signum, signal.SIG_DFL)
+    stop = KeyboardInterrupt()
+    stop.signum = signum
+    raise stop
 
 
 def parse_count(text):
@@ -369,14 +406,6 @@ def atomic_write(path, mode="wb"):
         raise
 
 
-def remove_leftovers(directory, names):
-    """Delete what atomic_write left in directory when a kill cut it short, for the files named like the regex names."""
-    leftover = re.compile(rf"^({names})\.\d+\.tmp$")
-    for name in os.listdir(directory) if os.path.isdir(directory) else []:
-        if leftover.match(name):
-            os.remove(os.path.join(directory, name))
-
-
 def write_json(path, obj):
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
@@ -398,51 +427,3 @@ def load_script(name):
         sys.modules[module_name] = module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     return sys.modules[module_name]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# devices and distributed runs
-
-
-def pick_device(device="auto"):
-    """The device to run on: "auto" picks CUDA, then MPS, then the CPU; one asked for by name must be there."""
-    mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    kind, _, index = device.partition(":")
-    if kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
-        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto")
-    if kind == "cuda" and not torch.cuda.is_available():
-        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise UserError(
-            f"device {device!r}: no CUDA GPU is visible to torch {torch.__version__} ({build}); use --device cpu"
-        )
-    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
-        raise UserError(f"device {device!r}: only {torch.cuda.device_count()} CUDA GPUs are visible")
-    if kind == "mps" and not mps:
-        raise UserError(f"device {device!r}: Apple's MPS is not available here; use --device cpu")
-    return device
-
-
-def setup_distributed(device="auto"):
-    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU), else run as a single process.
-    Returns (device, ddp_rank, ddp_local_rank, ddp_world_size)."""
-    device = pick_device(device)
-    if "RANK" not in os.environ:  # not launched by torchrun
-        return device, 0, 0, 1
-    ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    kwargs = dict(backend="gloo")
-    if is_cuda(device):
-        device = f"cuda:{ddp_local_rank}"  # one GPU per process
-        torch.cuda.set_device(device)
-        kwargs = dict(backend="nccl", device_id=torch.device(device))  # binds the communicator to this rank's GPU
-    # the other ranks wait at the next collective while rank 0 writes a checkpoint (19 GB for gpt2-1558m)
-    dist.init_process_group(timeout=datetime.timedelta(minutes=30), **kwargs)
-    return device, ddp_rank, ddp_local_rank, ddp_world_size
-
-
-def teardown_distributed():
-    """Leave the process group, if any: after a barrier (a rank gone while rank 0 still writes aborts the others)."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()

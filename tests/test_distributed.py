@@ -320,7 +320,7 @@ def test_a_micro_step_lets_go_of_the_previous_logits_before_the_next_forward():
 def test_setup_distributed_binds_nccl_to_the_rank_gpu_with_a_long_timeout(monkeypatch):
     import torch.distributed as dist
 
-    from utils import setup_distributed
+    from checkpoint import setup_distributed
 
     calls = {}
     monkeypatch.setenv("RANK", "3")

@@ -155,3 +155,41 @@ def test_a_stopped_retry_does_not_wait_out_its_backoff(server):
         with pytest.raises(UserError, match="stopped"):
             HTTPFile(f"{server.url}/files/corpus/{server.files[0]}", client).read(1)
         assert time.time() - t0 < 5
+
+
+def test_hub_globs_stay_in_their_folder_and_listed_paths_outside_the_dataset_are_refused():
+    from huggingface_hub.hf_api import RepoFile
+
+    from http_files import hub_glob
+
+    class Hub:  # what list_repo_tree answers
+        def __init__(self, paths):
+            self.paths = paths
+
+        def list_repo_tree(self, repo, folder, **kwargs):
+            return [RepoFile(path=p, size=1, oid="0") for p in self.paths]
+
+    hub = Hub(["data/a.parquet", "data/old/b.parquet", "data/c.txt", "data/d.parquet"])
+    pinned = f"hf://datasets/o/n@{HUB_SHA}/"
+    assert hub_glob(hub, "o/n", HUB_SHA, "data/*.parquet", Retry()) == [pinned + f"data/{n}.parquet" for n in "ad"]
+    assert hub_glob(hub, "o/n", HUB_SHA, "data/*/*.parquet", Retry()) == [pinned + "data/old/b.parquet"]
+    assert len(hub_glob(hub, "o/n", HUB_SHA, "data/**.parquet", Retry())) == 3  # ** crosses folders
+    for bad in ("data/../../secret.parquet", "/data/x.parquet"):
+        with pytest.raises(UserError, match=f"the hub listed {bad!r}, a path outside the dataset: refused"):
+            hub_glob(Hub([bad]), "o/n", HUB_SHA, "**", Retry())
+
+
+def test_a_commit_id_that_is_not_one_is_refused_at_once(server, tmp_path):
+    from conftest import run_script
+
+    server.add_dataset("test-org/bad", "0123\r\nX-Injected: 1", [dict(config_name="c", data_files="d/*")])
+    env = dict(os.environ, HF_ENDPOINT=server.url)
+    env.pop("HF_HUB_OFFLINE", None)
+    t0 = time.time()
+    r = run_script(
+        "download-fineweb-edu.py", "--dataset", "test-org/bad", "--name", "c", "--out-dir", tmp_path / "o", env=env
+    )
+    assert r.returncode == 2 and "retry" not in r.stderr and time.time() - t0 < 30, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: hf://datasets/test-org/bad@main: the hub answered '0123\\r\\nX-Injected: 1', not a commit id"
+    )

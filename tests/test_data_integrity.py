@@ -1,0 +1,120 @@
+"""What protects the data between the downloader and training: one downloader per directory, training reads the
+shards the manifest lists and no others, a replaced shard is noticed at open, the val split shares no document with
+train, and a manifest cannot point outside its directory."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from test_download import make_corpus
+from test_faults import one_line_error
+
+from checkpoint import take_out_dir
+from conftest import run_script
+from utils import EOT, ShardedDataLoader, UserError, get_tokenizer
+
+DOWNLOADER = "download-fineweb-edu.py"
+
+
+@pytest.fixture(scope="module")
+def shards_dir(tmp_path_factory):
+    corpus = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    make_corpus(corpus, 400)
+    out = tmp_path_factory.mktemp("data") / "out"
+    r = run_script(DOWNLOADER, "--data-files", corpus, "--out-dir", out, "--shard-size", 3000, "--workers", 1)
+    assert r.returncode == 0, r.stderr
+    return corpus, out
+
+
+def copy_of(out, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in os.listdir(out):
+        (copy / name).write_bytes((out / name).read_bytes())
+    return copy
+
+
+def shard_names(directory):
+    return sorted(n for n in os.listdir(directory) if n.endswith(".npy"))
+
+
+def test_a_second_downloader_on_the_same_out_dir_is_refused_and_touches_nothing(shards_dir, tmp_path):
+    corpus, out = shards_dir
+    data = copy_of(out, tmp_path)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["shards"], manifest["complete"] = manifest["shards"][:3], False  # a run still going
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    (data / "edufineweb_train_000003.npy.4242.tmp").write_bytes(b"the first run's shard, being written")
+    with take_out_dir(str(data), DOWNLOADER, "nothing"):  # the first run holds the directory
+        r = run_script(DOWNLOADER, "--data-files", corpus, "--out-dir", data, "--shard-size", 3000)
+        one_line_error(r, f"{data} is in use by another {DOWNLOADER} (pid {os.getpid()} on ")
+        r = run_script(DOWNLOADER, "--data-files", corpus, "--out-dir", data, "--shard-size", 5000)
+        one_line_error(r, f"{data} holds shards made with shard_size=3000, not 5000")
+    assert (data / "edufineweb_train_000003.npy.4242.tmp").exists()
+    assert shard_names(data) == shard_names(out)
+    r = run_script(DOWNLOADER, "--data-files", corpus, "--out-dir", data, "--shard-size", 3000)  # the lock is gone
+    assert r.returncode == 0, r.stderr
+    assert not (data / "edufineweb_train_000003.npy.4242.tmp").exists()  # now it is a leftover
+    assert all((data / n).read_bytes() == (out / n).read_bytes() for n in shard_names(out))
+
+
+def test_training_reads_the_shards_the_manifest_lists_and_names_the_strays(shards_dir, tmp_path, capsys):
+    _, out = shards_dir
+    data = copy_of(out, tmp_path)
+    (data / "other_train_000001.npy").write_bytes((data / "edufineweb_train_000001.npy").read_bytes())
+    (data / "edufineweb_train_000099.npy").write_bytes((data / "edufineweb_train_000002.npy").read_bytes())
+    loader = ShardedDataLoader(str(data), "train", 2, 16)
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert [os.path.basename(p) for p in loader.paths] == [s["file"] for s in manifest["shards"][1:]]
+    err = capsys.readouterr().err
+    assert "warning: 2 train shards in" in err and "edufineweb_train_000099.npy, other_train_000001.npy" in err
+    ShardedDataLoader(str(data), "train", 2, 16, process_rank=1, num_processes=2)
+    assert capsys.readouterr().err == ""  # said once, by rank 0
+
+
+def test_a_replaced_or_cut_shard_is_noticed_when_training_opens_it(shards_dir, tmp_path):
+    _, out = shards_dir
+    data = copy_of(out, tmp_path)
+    path = data / "edufineweb_train_000002.npy"
+    tokens = np.load(path)
+    np.save(path, tokens[::-1].copy())  # other tokens, the same size
+    with pytest.raises(UserError, match=f"shard {path} is not the one manifest.json lists: it changed since"):
+        ShardedDataLoader(str(data), "train", 2, 16)
+    manifest = json.loads((data / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        del shard["fingerprint"]  # a manifest from before fingerprints: the token count is still checked
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    np.save(path, tokens[:-10])
+    with pytest.raises(UserError, match=f"shard {path} holds 2,990 tokens, manifest.json says 3,000"):
+        ShardedDataLoader(str(data), "train", 2, 16)
+
+
+def test_a_first_document_longer_than_the_val_shard_is_cut_and_not_continued_in_train(tmp_path):
+    corpus = tmp_path / "docs.jsonl"
+    texts = ["word " * 5000, "the second document", "the third one"]
+    corpus.write_text("".join(json.dumps(dict(text=t)) + "\n" for t in texts))
+    out = tmp_path / "out"
+    r = run_script(DOWNLOADER, "--data-files", corpus, "--out-dir", out, "--shard-size", 3000, "--workers", 1)
+    assert r.returncode == 0, r.stderr
+    enc = get_tokenizer()
+    first = [EOT, *enc.encode_ordinary(texts[0])]
+    assert np.load(out / "edufineweb_val_000000.npy").tolist() == first[:3000]
+    rest = [t for text in texts[1:] for t in (EOT, *enc.encode_ordinary(text))]
+    assert np.load(out / "edufineweb_train_000001.npy").tolist() == rest  # starts with the next document
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shards"][0]["next"] == [1, 0] and manifest["shards"][0]["last_document"] == 0
+    assert run_script(DOWNLOADER, "--verify", "--out-dir", out).returncode == 0
+
+
+@pytest.mark.parametrize("name", ["../edufineweb_train_000001.npy", "/etc/edufineweb_train_000001.npy", "x.npy"])
+def test_a_manifest_that_names_a_file_outside_its_directory_is_refused(shards_dir, tmp_path, name):
+    corpus, out = shards_dir
+    data = copy_of(out, tmp_path)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["shards"][1]["file"], manifest["complete"] = name, False
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    r = run_script(DOWNLOADER, "--data-files", corpus, "--out-dir", data, "--shard-size", 3000)
+    one_line_error(r, "is damaged")
+    with pytest.raises(UserError, match="manifest.json is damaged"):
+        ShardedDataLoader(str(data), "train", 2, 16)
