@@ -15,7 +15,7 @@ import re
 import shutil
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -94,11 +94,35 @@ def find_start_on_every_rank(config, master_process, device):
 
 
 def check_resumable(checkpoint, path):
-    """A checkpoint of train.py's own, with everything a resume reads."""
+    """A checkpoint of train.py's own, with everything a resume reads, of the types it reads: checked before any of
+    it is used, so that a damaged or crafted file is one line, not a traceback halfway through the resume."""
     missing = [k for k in RESUME_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         raise UserError(f"{path} is not a train.py checkpoint (no {', '.join(missing)})")
+    wrong = [k for k in RESUME_KEYS if not isinstance(checkpoint[k], dict) and k != "step"]
+    if type(checkpoint["step"]) is not int or checkpoint["step"] < 0:
+        wrong.append("step")
+    if not wrong and type(checkpoint["train_loader"].get("position")) is not int:
+        wrong.append("train_loader.position")
+    if not wrong:
+        wrong += [f"rng.{k}" for k in ("python", "numpy", "torch") if k not in checkpoint["rng"]]
+    if wrong:
+        raise UserError(f"{path} is damaged: {', '.join(wrong)} missing or of the wrong type")
+    check_shapes(checkpoint["model_config"], checkpoint["model"], path)
     return checkpoint
+
+
+def check_shapes(model_config, state, path):
+    """The weights must have the shapes their model config names, checked on the meta device, which allocates
+    nothing: a crafted file of a few KB may claim a model of any size."""
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in GPT(GPTConfig(**model_config)).state_dict().items()}
+        wrong = next((k for k in expected if k in state and tuple(state[k].shape) != expected[k]), None)
+    except (TypeError, ValueError, AttributeError, RuntimeError, AssertionError, ZeroDivisionError) as e:
+        raise UserError(f"{path}: its model shape cannot be built ({first_line(e)[:200]})") from e
+    if wrong is not None:
+        raise UserError(f"{path}: {wrong} is {tuple(state[wrong].shape)}, its model shape needs {expected[wrong]}")
 
 
 def restore(start, model, optimizer, train_loader, device):
@@ -155,6 +179,8 @@ def describe_write_error(e, out_dir, needed_bytes):
     """What went wrong in a write, in words; a full disk (numpy reports it as "N requested and M written") with how
     much room is left and needed."""
     free = shutil.disk_usage(out_dir).free if os.path.isdir(out_dir) else None
+    if e.errno == errno.EFBIG:
+        return f"a file-size limit (ulimit -f) stopped it ({needed_bytes / 1e6:,.1f} MB needed)"
     if e.errno == errno.ENOSPC or (free is not None and free < needed_bytes):
         return f"the disk holding {out_dir} is full ({free / 1e6:,.1f} MB free, {needed_bytes / 1e6:,.1f} MB needed)"
     return first_line(e)
@@ -188,13 +214,30 @@ def write_checkpoint(out_dir, state, keep, damaged):
     """ckpt_<step>.pt, then the oldest readable ones pruned down to the newest keep (0: all). Damaged files are never
     pruned: they may sort newer than them all, and the user decides what to do with them."""
     path = os.path.join(out_dir, f"ckpt_{state['step']:06d}.pt")
-    save_checkpoint(path, state)
+    try:
+        save_checkpoint(path, state)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as "unexpected pos", the OSError inside
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise UserError(
+            f"cannot write checkpoint {path}: {describe_write_error(cause, out_dir, tensor_bytes(state))}; nothing "
+            f"of it is left, the checkpoints before it are intact (the newest: {last_good_checkpoint(out_dir)})"
+        ) from e
     damaged.discard(os.path.basename(path))  # replaced by a good one
     if keep > 0:
         readable = [p for p in list_checkpoints(out_dir) if os.path.basename(p) not in damaged]
         for old in readable[:-keep]:
             os.remove(old)
     print(f"saved {path}")
+
+
+def tensor_bytes(obj):
+    """About what a checkpoint of obj takes on disk: the bytes of the tensors in it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(tensor_bytes(v) for v in values)
 
 
 def load_checkpoint(path):
@@ -466,6 +509,7 @@ def model_from_checkpoint(ckpt, path):
     state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
     # nanoGPT without flash attention keeps its causal mask as a buffer: not a weight
     state = {k: v for k, v in state.items() if not k.endswith(".attn.bias") or v.dim() != 4}
+    check_shapes(asdict(config), state, path)
     model = GPT(config)
     try:
         model.load_state_dict(state)

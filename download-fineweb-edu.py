@@ -145,7 +145,8 @@ def tokenize_to_shards(args, files, manifest, progress, retry):
         return doc_index + (offset > 0)
     # read from the (file, row) where the last shard ended, while the tokenizer processes work on what came before
     client = HTTPClient(retry, args.connections, args.stall_seconds)
-    batches = read_ahead(document_batches(files, args.text_field, tuple(last["next_position"]), client),
+    manifest.setdefault("remote_inputs", {})  # filled as the files are opened (by the reader thread)
+    batches = read_ahead(document_batches(files, args.text_field, tuple(last["next_position"]), client, manifest),
                          4 * args.workers + 4, client.close)  # fmt: skip
     documents = tokenized_documents(batches, args.workers)
     with contextlib.closing(documents), contextlib.closing(batches):  # on any exit, the reader thread stops too
@@ -285,6 +286,8 @@ def read_manifest(out_dir):
                 raise TypeError(f"shard entry {shard['file']!r} is not a shard's name in this directory")
         if not isinstance(manifest["files"], list) or not isinstance(manifest["inputs"], list):
             raise TypeError("files or inputs is not a list")
+        if not isinstance(manifest.get("remote_inputs", {}), dict):
+            raise TypeError("remote_inputs is not an object")
         return manifest
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise UserError(
@@ -394,13 +397,16 @@ def file_format(files):
     return formats.pop()
 
 
-def document_batches(files, text_field, start, client, batch_size=1024):
+def document_batches(files, text_field, start, client, manifest, batch_size=1024):
     """(file index, row, texts): the documents of all files in order, from position start = (file index, row) on.
-    Only files from start's on are opened; a remote one while the one before it is read."""
+    Only files from start's on are opened; a remote one while the one before it is read, and it must be the one the
+    out dir was started on."""
     fmt = file_format(files)
     for index, source, f in opened_files(files, start[0], client):
         start_row = start[1] if index == start[0] else 0
         with f:
+            if is_remote(source):
+                check_remote_input(manifest, source, f.identity())
             if (f.size if is_remote(source) else os.path.getsize(source)) == 0:
                 continue
             if fmt == "parquet":
@@ -422,6 +428,14 @@ def document_batches(files, text_field, start, client, batch_size=1024):
                     yield index, row, texts
             except (OSError, EOFError, zlib.error, ValueError) as e:  # a damaged gzip or parquet file, a read error
                 raise UserError(f"cannot read {source}: {first_line(e)}") from e
+
+
+def check_remote_input(manifest, source, identity):
+    known = manifest["remote_inputs"]
+    if known.get(source, identity) != identity:
+        raise UserError(f"{source} changed since the out dir was started ({known[source]} -> {identity}): the shards "
+                        "so far hold the old text; start over in another --out-dir")  # fmt: skip
+    manifest["remote_inputs"] = {**known, source: identity}  # a new dict: the main thread may be writing the old one
 
 
 def opened_files(files, first, client):

@@ -219,14 +219,21 @@ class HTTPFile(io.RawIOBase):
         self.location = url  # where the file is, once the redirect is known
         self.pos, self.tail = 0, (0, b"")  # (start, bytes): the end of the file, fetched when it was opened
         self.chunks, self.planned = {}, collections.deque()  # start -> (end, Future of its bytes); (start, length)
+        self.fingerprint = None  # what says the file is the same one: its size, ETag and Last-Modified
         self.opened = client.submit(client.retry, self._open, url)
 
     @property
     def size(self):
         return self.client.wait(self.opened)
 
+    def identity(self):
+        """Size, ETag and Last-Modified: what tells a rerun that the file is still the one it started on."""
+        return dict(size=self.size, **self.fingerprint)
+
     def _open(self):
         with self._get(f"bytes=-{TAIL}") as response:
+            headers = response.headers
+            self.fingerprint = dict(etag=headers.get("ETag"), last_modified=headers.get("Last-Modified"))
             if response.status == 416:  # no last bytes: an empty file
                 return 0
             if response.status == 200:  # a server that ignores ranges sends the whole file

@@ -249,6 +249,9 @@ def _handler(server, host):
             self.send_response(status)
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            stat = os.stat(full)
+            self.send_header("ETag", f'"{stat.st_mtime_ns:x}-{size:x}"')
+            self.send_header("Last-Modified", self.date_time_string(int(stat.st_mtime)))
             if server.content_length:
                 self.send_header("Content-Length", str(len(body)))
             else:

@@ -68,7 +68,8 @@ def test_connections_are_kept_and_several_requests_are_in_flight(server):
     server.wan(delay=0.02, connect_delay=0.06)
     names = server.files
     with HTTPClient(Retry(wait=0.01), connections=4) as client:
-        batches = list(downloader.document_batches([resolve_url(server, n) for n in names], "text", (0, 0), client))
+        files, manifest = [resolve_url(server, n) for n in names], dict(remote_inputs={})
+        batches = list(downloader.document_batches(files, "text", (0, 0), client, manifest))
     assert [t for _, _, texts in batches for t in texts] == server.texts
     row_groups = 6 * len(names)
     assert len(by_host(server, "hub")) == len(names)  # one redirect per file

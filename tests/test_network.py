@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -296,3 +297,23 @@ def test_no_moment_of_ctrl_c_hangs_a_download_over_a_bad_network(server, tmp_pat
         assert time.time() - t0 < 5, (attempt, time.time() - t0)
         assert proc.returncode in (130, 0, -2) and "Traceback" not in err, (attempt, err[-2000:])
         assert_nothing_left(proc)
+
+
+def test_a_remote_input_that_changed_since_the_out_dir_was_started_is_refused(server, tmp_path):
+    folder = os.path.join(server.root, "changing")
+    os.makedirs(folder, exist_ok=True)
+    for i in range(2):
+        shutil.copy(os.path.join(server.root, "corpus", server.files[i]), os.path.join(folder, f"{i}.parquet"))
+    files = [f"{server.url}/files/changing/{i}.parquet" for i in range(2)]
+    out = tmp_path / "out"
+    assert run("--data-files", *files, "--out-dir", out).returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["remote_inputs"][files[1]]["size"] == os.path.getsize(os.path.join(folder, "1.parquet"))
+    manifest["shards"], manifest["complete"] = manifest["shards"][:3], False  # killed early in the first file
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    time.sleep(0.01)
+    shutil.copy(os.path.join(server.root, "corpus", server.files[2]), os.path.join(folder, "0.parquet"))  # replaced
+    r = run("--data-files", *files, "--out-dir", out)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {files[0]} changed since the out dir was started (") and "--out-dir" in line, line

@@ -1,0 +1,92 @@
+"""Checkpoints that cannot be written or should not be read: a full disk or a file-size limit is one line that says
+so and keeps the older checkpoints; a damaged or crafted checkpoint is one line before anything is built from it."""
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_faults import one_line_error
+
+from checkpoint import check_resumable, load_checkpoint, load_model
+from conftest import ROOT, run_script, tiny
+from utils import UserError
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    """A finished tiny run, with checkpoints every 5 steps (the newest 3 kept)."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    r = run_script("train.py", *tiny(data_dir, out, "--max-steps", 20))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_a_file_size_limit_during_a_checkpoint_write_is_one_line_and_the_older_ones_stay(data_dir, trained, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    older = (trained / "ckpt_000010.pt").read_bytes()
+    (out / "ckpt_000010.pt").write_bytes(older)
+    (out / "log.jsonl").write_bytes((trained / "log.jsonl").read_bytes())
+
+    def limit_file_size():  # as `ulimit -f` does; SIGXFSZ ignored, so that the write fails with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(older) // 2, resource.RLIM_INFINITY))
+
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *tiny(data_dir, out, "--max-steps", 20, "--resume")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    line = one_line_error(r, f"cannot write checkpoint {out / 'ckpt_000015.pt'}: a file-size limit (ulimit -f) stop")
+    assert "MB needed); nothing of it is left, the checkpoints before it are intact (the newest: " in line
+    assert [n for n in os.listdir(out) if n.startswith("ckpt_")] == ["ckpt_000010.pt"]  # no part of the new one
+    assert (out / "ckpt_000010.pt").read_bytes() == older
+
+
+def crafted(trained, tmp_path, change):
+    checkpoint = torch.load(trained / "ckpt_000020.pt", weights_only=True)
+    change(checkpoint)
+    path = tmp_path / "ckpt_000020.pt"
+    torch.save(checkpoint, path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c["train_loader"].pop("position"), "is damaged: train_loader.position missing or of the wrong type"),
+        (lambda c: c["rng"].pop("numpy"), "is damaged: rng.numpy missing or of the wrong type"),
+        (lambda c: c.update(step="20"), "is damaged: step missing or of the wrong type"),
+        (lambda c: c.update(optimizer=[1, 2]), "is damaged: optimizer missing or of the wrong type"),
+        (lambda c: c["model_config"].update(n_head="two"), "its model shape cannot be built"),
+        (
+            lambda c: c["model_config"].update(block_size=2**27),
+            "transformer.wpe.weight is (32, 64), its model shape needs (134217728, 64)",
+        ),  # fmt: skip
+    ],
+)
+def test_a_damaged_or_crafted_checkpoint_is_one_line_before_anything_is_built(trained, tmp_path, change, message):
+    path = crafted(trained, tmp_path, change)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_resumable(load_checkpoint(path), path)
+
+
+def test_a_checkpoint_claiming_a_huge_model_allocates_nothing_before_it_is_refused(trained, tmp_path):
+    path = crafted(trained, tmp_path, lambda c: c["model_config"].update(block_size=2**27))
+    r = run_script("sample.py", "--model", path, "--max-new-tokens", 1)  # a 2**27 x 64 wpe would be 34 GB of fp32
+    one_line_error(r, "transformer.wpe.weight is (32, 64), its model shape needs (134217728, 64)")
+    with pytest.raises(UserError, match="its model shape needs"):
+        load_model(path)
+
+
+def test_resuming_from_a_damaged_checkpoint_skips_it_with_a_warning_naming_what_is_wrong(data_dir, trained, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    crafted(trained, out, lambda c: c["train_loader"].pop("position"))
+    r = run_script("train.py", *tiny(data_dir, out, "--max-steps", 30, "--resume"))
+    one_line_error(r, f"no checkpoint in {out} can be read (ckpt_000020.pt); nothing was deleted")
+    assert (
+        f"warning: skipping {out / 'ckpt_000020.pt'}: {out / 'ckpt_000020.pt'} is damaged: train_loader.position"
+        in r.stderr
+    )
