@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from model import GPT, MODEL_SIZES, GPTConfig, is_cuda
-from utils import UserError, atomic_write, first_line, gpt2_bpe_files, write_json
+from utils import UserError, atomic_write, first_line, gpt2_bpe_files, when_gone, write_json
 
 CHECKPOINT_NAME = re.compile(r"^ckpt_(\d{6,})\.pt$")
 # settings a checkpoint cannot continue under; any other change on --resume is allowed and logged
@@ -137,6 +137,24 @@ def restore(start, model, optimizer, train_loader, device):
     all_ranks_agree(lambda: train_loader.load_state_dict(checkpoint["train_loader"]))
     set_rng_states(checkpoint["rng"], device)
     return checkpoint["step"], checkpoint.get("val_loss")
+
+
+def check_out_dir(out_dir):
+    """Fail before any downloading or tokenizing if the shards could not be written; create nothing yet."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out-dir {out_dir} is a file, not a directory")
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"cannot create --out-dir {out_dir}: {existing} is a file")
+    probe = os.path.join(existing, f".write-test.{os.getpid()}.tmp")
+    try:
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to --out-dir {out_dir}: {e.strerror} ({existing})") from e
 
 
 def take_out_dir(out_dir, script="train.py", leftovers=r"ckpt_\d{6,}\.pt|loss\.png"):
@@ -448,6 +466,8 @@ def setup_distributed(device="auto"):
     if "RANK" not in os.environ:  # not launched by torchrun
         return device, 0, 0, 1
     ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    # the launcher gone (torchrun killed by kill -9): stop as if preempted, with a checkpoint, and free the out dir
+    when_gone(os.getppid(), lambda: os.kill(os.getpid(), signal.SIGTERM))
     kwargs = dict(backend="gloo")
     if is_cuda(device):
         device = f"cuda:{ddp_local_rank}"  # one GPU per process

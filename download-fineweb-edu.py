@@ -20,6 +20,12 @@ This file, top to bottom: Config, main, the tokenize-to-shards loop, the shard w
 of documents, and the tokenizer processes.
 """
 
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while the imports below load (torch takes seconds): the quiet exit of later
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(128 + signum))
+
 import collections
 import contextlib
 import glob
@@ -29,8 +35,6 @@ import json
 import multiprocessing as mp
 import os
 import re
-import select
-import threading
 import time
 import urllib.parse
 import zlib
@@ -40,7 +44,7 @@ from multiprocessing.connection import wait
 import numpy as np
 from tqdm import tqdm
 
-from checkpoint import describe_write_error, take_out_dir
+from checkpoint import check_out_dir, describe_write_error, take_out_dir
 from http_files import HTTPClient, HTTPFile, Retry, hub_files, is_remote, list_files, open_source, read_ahead
 from utils import (
     EOT,
@@ -56,6 +60,7 @@ from utils import (
     run_cli,
     sha256_file,
     shard_fingerprint,
+    when_gone,
     write_json,
 )
 
@@ -251,24 +256,6 @@ def source_settings(args):
     return source
 
 
-def check_out_dir(out_dir):
-    """Fail before any downloading or tokenizing if the shards could not be written; create nothing yet."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"--out-dir {out_dir} is a file, not a directory")
-    existing = os.path.abspath(out_dir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"cannot create --out-dir {out_dir}: {existing} is a file")
-    probe = os.path.join(existing, f".write-test.{os.getpid()}.tmp")
-    try:
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"cannot write to --out-dir {out_dir}: {e.strerror} ({existing})") from e
-
-
 def read_manifest(out_dir):
     path = os.path.join(out_dir, MANIFEST)
     try:
@@ -440,8 +427,7 @@ def check_remote_input(manifest, source, identity):
 
 def opened_files(files, first, client):
     """(index, name, file) from files[first] on; a remote file starts opening (its size and its footer, in one
-    request) while the one before it is read, so that a file boundary costs no round trip. (One opened ahead and
-    never read holds no connection: there is nothing to close.)"""
+    request) while the one before it is read, so that a file boundary costs no round trip."""
     upcoming = None
     try:
         for index in range(first, len(files)):
@@ -621,20 +607,9 @@ class TokenizerPool:
 
 def tokenizer_process(jobs, results, parent_pid):
     """A tokenizer process: texts in, (tokens, lengths) out, for as long as the downloader that started it lives."""
-    threading.Thread(target=exit_when_gone, args=(parent_pid,), daemon=True).start()
+    when_gone(parent_pid, lambda: os._exit(1))
     while True:
         results.send(tokenize_documents(jobs.get()))
-
-
-def exit_when_gone(pid):
-    """End this process as soon as process pid ends, however it ends."""
-    try:
-        select.select([os.pidfd_open(pid)], [], [])  # Linux: readable when the process has ended
-    except (AttributeError, OSError):  # another system, or pid has already gone
-        with contextlib.suppress(ProcessLookupError):
-            while not os.kill(pid, 0):  # None while pid lives
-                time.sleep(0.5)
-    os._exit(1)
 
 
 def tokenize_documents(texts):

@@ -13,8 +13,11 @@ import inspect
 import json
 import os
 import re
+import select
 import signal
 import sys
+import threading
+import time
 
 import numpy as np
 import torch
@@ -306,6 +309,7 @@ def first_line(e):
 def run_cli(main):
     """Run a script's main(): a UserError is one line on stderr and exit 2 (GPT2_TRACEBACK=1 shows the traceback).
     SIGTERM (how schedulers stop a job) stops it the way Ctrl-C does, with exit status 143."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is KeyboardInterrupt again, after the imports
     signal.signal(signal.SIGTERM, interrupt)
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets an escape, not a crash
         if hasattr(stream, "reconfigure"):
@@ -409,6 +413,21 @@ def atomic_write(path, mode="wb"):
 def write_json(path, obj):
     with atomic_write(path, "w") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
+
+
+def when_gone(pid, then):
+    """Call then() in a daemon thread as soon as process pid has ended, however it ended (kill -9 included)."""
+
+    def watch():
+        try:
+            select.select([os.pidfd_open(pid)], [], [])  # Linux: readable when the process has ended
+        except (AttributeError, OSError):  # another system, or pid has already gone
+            with contextlib.suppress(ProcessLookupError):
+                while not os.kill(pid, 0):  # None while pid lives
+                    time.sleep(0.5)
+        then()
+
+    threading.Thread(target=watch, daemon=True, name="when-gone").start()
 
 
 def call_in_script(name, function, *args):

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
-from test_faults import one_line_error
 
 from checkpoint import check_resumable, load_checkpoint, load_model
 from conftest import ROOT, run_script, tiny
+from test_faults import one_line_error
 from utils import UserError
 
 

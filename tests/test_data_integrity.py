@@ -7,11 +7,11 @@ import os
 
 import numpy as np
 import pytest
-from test_download import make_corpus
-from test_faults import one_line_error
 
 from checkpoint import take_out_dir
 from conftest import run_script
+from test_download import make_corpus
+from test_faults import one_line_error
 from utils import EOT, ShardedDataLoader, UserError, get_tokenizer
 
 DOWNLOADER = "download-fineweb-edu.py"

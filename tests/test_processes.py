@@ -120,3 +120,13 @@ def test_no_moment_of_ctrl_c_or_of_a_dying_worker_hangs_the_downloader(corpus, t
         # 0: the run was done; -2: Ctrl-C reached the interpreter as it exited, after everything was written
         assert proc.returncode in ((130, 0, -2) if how == "ctrl_c" else (2, 0)), (attempt, err[-2000:])
         assert_nothing_left(proc)
+
+
+def test_ctrl_c_while_the_downloader_is_still_importing_is_the_one_line_exit(corpus, tmp_path):
+    for attempt, delay in enumerate([0.2, 0.6, 1.0, 1.5]):  # torch's import alone takes seconds here
+        proc = start(corpus / "big.jsonl", tmp_path / f"out{attempt}")
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "Traceback" not in err, (delay, err[-2000:])
+        assert_nothing_left(proc)
