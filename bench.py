@@ -35,7 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 import hellaswag
 import sample
 import train
-from checkpoint import load_model, pick_device, read_log
+from checkpoint import check_output_path, load_model, pick_device, read_log
 from model import GPT, GPTConfig, is_cuda, peak_flops
 from utils import (
     EOT,
@@ -43,7 +43,6 @@ from utils import (
     ShardedDataLoader,
     UserError,
     check_flags,
-    check_output_path,
     first_line,
     get_tokenizer,
     load_script,

@@ -157,6 +157,15 @@ def check_out_dir(out_dir):
         raise UserError(f"cannot write to --out-dir {out_dir}: {e.strerror} ({existing})") from e
 
 
+def check_output_path(path, flag):
+    """Fail before any work if a result could not be written at path (a file, not a directory)."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a directory: give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path}: the directory {parent} does not exist")
+
+
 def take_out_dir(out_dir, script="train.py", leftovers=r"ckpt_\d{6,}\.pt|loss\.png"):
     """Lock out_dir for this run of script and clear what a killed run left half-written (the files named like the
     regex leftovers; a checkpoint cut short holds up to 1.5 GB for 124M). A second run of script on the same directory

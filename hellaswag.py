@@ -24,14 +24,19 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from checkpoint import broadcast_from_rank0, load_model, setup_distributed, teardown_distributed
+from checkpoint import (
+    broadcast_from_rank0,
+    check_output_path,
+    load_model,
+    setup_distributed,
+    teardown_distributed,
+)
 from http_files import HTTPClient, HTTPFile, Retry
 from model import GPT2_VOCAB_SIZE, autocast, exact_fp32_matmul
 from utils import (
     UserError,
     atomic_write,
     check_flags,
-    check_output_path,
     config_parser,
     get_tokenizer,
     run_cli,

@@ -13,13 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import load_model, pick_device
+from checkpoint import check_output_path, load_model, pick_device
 from model import exact_fp32_matmul
 from utils import (
     EOT,
     UserError,
     check_flags,
-    check_output_path,
     config_parser,
     get_tokenizer,
     run_cli,

@@ -218,13 +218,23 @@ class ShardedDataLoader:
                     seed=self.seed)  # fmt: skip
 
     def load_state_dict(self, state):
+        """Continue where state was, on the shards it was reading: shards a download added since are not read (the
+        stream would not be the one the run began with), and rank 0 says so."""
+        had, names = state.get("shards") or [], [os.path.basename(p) for p in self.paths]
+        n = len(had)
+        if names[:n] == had and n < len(names):  # the download went on after this run began
+            self.paths, self.shards, self.lengths = self.paths[:n], self.shards[:n], self.lengths[:n]
+            self.epoch_tokens, self._order_epoch = int(self.lengths.sum()), None
+            if self.process_rank == 0:
+                print(f"note: the run goes on with the {n} shards it began with ({names[n]} and the others added "
+                      "since are for a new run)")  # fmt: skip
         mine = self.state_dict()
         for key in ("shards", "epoch_tokens", "shuffle", "seed"):
             if state.get(key) != mine[key]:
-                raise UserError(
-                    f"the data loader state does not match this data: {key} was {state.get(key)!r}, "
-                    f"is now {mine[key]!r}"
-                )
+                was, now = repr(state.get(key)), repr(mine[key])
+                if key == "shards":  # not every name: there may be thousands
+                    was, now = f"{n} shards", f"{len(names)} shards that do not begin with those"
+                raise UserError(f"the data loader state does not match this data: {key} was {was}, is now {now}")
         self.position = int(state["position"])
 
     def _read(self, start, n):
@@ -382,15 +392,6 @@ def check_flags(config, rule, ok, *names):
         if not ok(value):
             shown = repr(value) if isinstance(value, str) else value
             raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {shown}")
-
-
-def check_output_path(path, flag):
-    """Fail before any work if a result could not be written at path (a file, not a directory)."""
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a directory: give a file name")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UserError(f"{flag} {path}: the directory {parent} does not exist")
 
 
 @contextlib.contextmanager

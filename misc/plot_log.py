@@ -11,8 +11,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
 
-from checkpoint import read_jsonl, read_log  # noqa: E402
-from utils import UserError, atomic_write, check_output_path, run_cli  # noqa: E402
+from checkpoint import check_output_path, read_jsonl, read_log  # noqa: E402
+from utils import UserError, atomic_write, run_cli  # noqa: E402
 
 GPT2_124M_VAL_LOSS = 3.2924  # OpenAI's GPT-2 124M on FineWeb-Edu's val split (build-nanogpt)
 GPT2_124M_HELLASWAG = 0.2955  # its completion-style acc_norm
