@@ -6,7 +6,8 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 ./train.sh   # on node 0; NODE_RANK=1 on node 1
 #
 # GPUs are counted with nvidia-smi, limited to those CUDA_VISIBLE_DEVICES shows; NGPU=N overrides the count.
-# TRAIN_SH_DRY_RUN=1 prints the command instead of running it.
+# TRAIN_SH_DRY_RUN=1 prints the command instead of running it. TORCH_ELASTIC_SHUTDOWN_TIMEOUT (300 s) is the grace
+# torchrun gives the ranks after a SIGTERM: for the step, then the checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -50,6 +51,11 @@ else
     export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-4294967296}" MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-4294967296}"
     cmd=(python train.py "$@")
 fi
+
+# torchrun passes SIGTERM (a preemption) on to the ranks and kills them when its grace period is over, 30 s unless
+# told otherwise: too short for a step plus the checkpoint of a large model. Ask the scheduler to signal earlier than
+# this (SLURM: sbatch --signal=TERM@600; Kubernetes: terminationGracePeriodSeconds: 600).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}"
 
 if [[ -n "${TRAIN_SH_DRY_RUN:-}" ]]; then
     printf '%q ' "${cmd[@]}"

@@ -35,3 +35,31 @@ def test_ranks_whose_torchrun_is_killed_stop_within_seconds_with_a_checkpoint_an
                        cwd=ROOT)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]  # the lock went with the ranks
     assert max(train_losses(out)) > last
+
+
+def start_train_sh(data_dir, out, **env):
+    """train.sh with two ranks under torchrun on the CPU, each step about 3 s (32 micro-steps of accumulation)."""
+    args = tiny(data_dir, out, "--max-steps", 10_000, "--total-batch", 8192, "--checkpoint-interval", 0,
+                "--eval-interval", 0, "--sample-interval", 0)  # fmt: skip
+    return subprocess.Popen([os.path.join(ROOT, "train.sh"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, NGPU="2", PYTHONUNBUFFERED="1", **env))  # fmt: skip
+
+
+def test_sigterm_through_train_sh_gives_the_ranks_time_for_a_step_longer_than_torchruns_own_grace(data_dir, tmp_path):
+    """With torchrun's own grace (here 1 s) a step longer than it is killed and the checkpoint lost; train.sh gives
+    the ranks 300 s, and they finish the step and write the checkpoint."""
+    for grace, checkpointed in (("1", False), (None, True)):
+        out = tmp_path / f"grace{grace}"
+        proc = start_train_sh(data_dir, out, **({"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": grace} if grace else {}))
+        wait_for_step(out, 1, proc, timeout=300)
+        time.sleep(0.5)  # inside the next step
+        proc.send_signal(signal.SIGTERM)  # to torchrun: train.sh execs it
+        stdout, stderr = proc.communicate(timeout=300)
+        last = max(train_losses(out))
+        assert bool(list(out.glob("ckpt_*.pt"))) == checkpointed, (grace, stdout[-2000:], stderr[-3000:])
+        if checkpointed:
+            assert [p.name for p in out.glob("ckpt_*")] == [f"ckpt_{last + 1:06d}.pt"]
+            assert f"stopped by SIGTERM after step {last}" in stdout
+            assert proc.returncode != 0  # torchrun's own status after a signal (1), whatever its ranks did
+        else:
+            assert "forcefully exiting via 9" in stderr or proc.returncode != 0, stderr[-3000:]
