@@ -20,11 +20,11 @@ This file, top to bottom: Config, main, the tokenize-to-shards loop, the shard w
 of documents, and the tokenizer processes.
 """
 
+import os
 import signal
-import sys
 
-if __name__ == "__main__":  # Ctrl-C while the imports below load (torch takes seconds): the quiet exit of later
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(128 + signum))
+if __name__ == "__main__":  # Ctrl-C while the imports below load (torch takes seconds): out at once, quietly
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))  # nothing is started or written yet
 
 import collections
 import contextlib
@@ -33,7 +33,6 @@ import gzip
 import io
 import json
 import multiprocessing as mp
-import os
 import re
 import time
 import urllib.parse

@@ -372,7 +372,12 @@ def test_disk_full_removes_the_partial_shard_and_keeps_the_manifest_valid(corpus
         ".*edufineweb_train_000002.npy: the partial shard was removed, the 2 finished shards",
     ):
         downloader.main(args)
-    assert sorted(os.listdir(out)) == ["edufineweb_train_000001.npy", "edufineweb_val_000000.npy", "manifest.json"]
+    assert sorted(os.listdir(out)) == [
+        "download-fineweb-edu.lock",
+        "edufineweb_train_000001.npy",
+        "edufineweb_val_000000.npy",
+        "manifest.json",
+    ]
     assert run("--verify", "--out-dir", out).returncode == 0
     monkeypatch.setattr(downloader.np, "save", real_save)
     downloader.main(args)  # space freed: it continues where it stopped
@@ -381,10 +386,11 @@ def test_disk_full_removes_the_partial_shard_and_keeps_the_manifest_valid(corpus
 
 
 def test_a_short_write_on_a_full_disk_and_a_failed_manifest_write_say_the_disk_is_full(corpus, tmp_path, monkeypatch):
+    import checkpoint
     from utils import load_script
 
     downloader = load_script("download-fineweb-edu")
-    real_save, real_usage = np.save, downloader.shutil.disk_usage
+    real_save, real_usage = np.save, checkpoint.shutil.disk_usage
     out = tmp_path / "out"
     args = ["--data-files", str(corpus[0]), "--out-dir", str(out), "--shard-size", "3000", "--workers", "1"]
 
@@ -392,7 +398,7 @@ def test_a_short_write_on_a_full_disk_and_a_failed_manifest_write_say_the_disk_i
         raise OSError("200000 requested and 81856 written")
 
     monkeypatch.setattr(downloader.np, "save", short_write)
-    monkeypatch.setattr(downloader.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1000))
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1000))
     with pytest.raises(downloader.UserError, match=r"is full \(0.0 MB free, 0.0 MB needed\) while writing"):
         downloader.main(args)
     monkeypatch.setattr(downloader.np, "save", real_save)

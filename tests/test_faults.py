@@ -457,7 +457,9 @@ def test_training_on_an_unfinished_download_warns(data_dir, tmp_path):
 
     partial = tmp_path / "partial"
     shutil.copytree(data_dir, partial)
-    (partial / "manifest.json").write_text(json.dumps(dict(source={}, shards=[], complete=False)))
+    names = sorted(p.name for p in partial.glob("*.npy"))
+    shards = [dict(file=n, split=n.split("_")[1], tokens=len(np.load(partial / n))) for n in names]
+    (partial / "manifest.json").write_text(json.dumps(dict(source={}, shards=shards, complete=False)))
     r = run_script("train.py", *tiny(partial, tmp_path / "out", "--max-steps", 1))
     assert r.returncode == 0 and "manifest.json says the download is not complete" in r.stdout, r.stderr
 
