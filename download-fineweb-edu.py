@@ -33,7 +33,9 @@ import gzip
 import io
 import json
 import multiprocessing as mp
+import multiprocessing.forkserver
 import re
+import threading
 import time
 import urllib.parse
 import zlib
@@ -560,6 +562,10 @@ class TokenizerPool:
     def __init__(self, workers):
         context = mp.get_context("forkserver")
         context.set_forkserver_preload(["utils"])  # imported once in the server, shared by every process it forks
+        if threading.current_thread() is threading.main_thread():  # the server and its children ignore Ctrl-C
+            handler = signal.signal(signal.SIGINT, signal.SIG_IGN)  # from their start on, the imports included:
+            multiprocessing.forkserver.ensure_running()  # this process stops them
+            signal.signal(signal.SIGINT, handler)
         self.jobs, self.results, self.processes, self.sent, self.received = [], [], [], 0, 0
         for _ in range(workers):
             jobs, (results, child_end) = context.Queue(), context.Pipe(duplex=False)  # a queue never blocks its sender

@@ -20,7 +20,9 @@ import threading
 import time
 
 import numpy as np
-import torch
+
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # results that do not depend on alignment: a CPU resume is exact
+import torch  # noqa: E402
 import torch.distributed as dist
 
 from model import GPT2_VOCAB_SIZE
@@ -221,8 +223,7 @@ class ShardedDataLoader:
         """Continue where state was, on the shards it was reading: shards a download added since are not read (the
         stream would not be the one the run began with), and rank 0 says so."""
         had, names = state.get("shards") or [], [os.path.basename(p) for p in self.paths]
-        n = len(had)
-        if names[:n] == had and n < len(names):  # the download went on after this run began
+        if names[: (n := len(had))] == had and n < len(names):  # the download went on after this run began
             self.paths, self.shards, self.lengths = self.paths[:n], self.shards[:n], self.lengths[:n]
             self.epoch_tokens, self._order_epoch = int(self.lengths.sum()), None
             if self.process_rank == 0:
