@@ -237,13 +237,13 @@ class HTTPFile(io.RawIOBase):
             if response.status == 416:  # no last bytes: an empty file
                 return 0
             if response.status == 200:  # a server that ignores ranges sends the whole file
-                size = response.headers.get("Content-Length")
+                size = headers.get("Content-Length")
                 if size is None or not size.isdigit():
                     raise UserError(f"cannot download {self.url}: the server sent no size (no Content-Length)")
                 if int(size) <= TAIL:
                     self.tail = (0, b"".join(self.client.body(response, int(size))))
                 return int(size)
-            m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", response.headers.get("Content-Range", ""))
+            m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", headers.get("Content-Range", ""))
             if not m:
                 raise UserError(f"cannot download {self.url}: a range answer without a valid Content-Range")
             start, end, size = map(int, m.groups())

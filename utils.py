@@ -123,9 +123,10 @@ def data_manifest(data_dir):
     try:
         with open(path) as f:
             manifest = json.load(f)
-        assert all(SHARD_NAME.fullmatch(s["file"]) and isinstance(s["tokens"], int) for s in manifest["shards"])
+        if not all(SHARD_NAME.fullmatch(s["file"]) and isinstance(s["tokens"], int) for s in manifest["shards"]):
+            raise ValueError("a shard entry without a shard's file name or token count")
         return manifest
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path} is damaged ({first_line(e)}): check it with download-fineweb-edu.py --verify") from e
 
 
@@ -161,10 +162,8 @@ def check_token_ids(tokens, path):
     """Every id must be one of GPT-2's 50,257: the padding ids would be trained, larger ones crash the embedding."""
     if len(tokens) and int(tokens.max()) >= GPT2_VOCAB_SIZE:
         position = int(np.argmax(tokens >= GPT2_VOCAB_SIZE))
-        raise UserError(
-            f"shard {path} holds token id {int(tokens[position])} at position {position:,}: GPT-2's ids are "
-            f"0..{GPT2_VOCAB_SIZE - 1} (a damaged shard, or not GPT-2 tokens)"
-        )
+        raise UserError(f"shard {path} holds token id {int(tokens[position])} at position {position:,}: GPT-2's ids "
+                        f"are 0..{GPT2_VOCAB_SIZE - 1} (a damaged shard, or not GPT-2 tokens)")  # fmt: skip
 
 
 class ShardedDataLoader:
