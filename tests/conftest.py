@@ -68,6 +68,16 @@ def hf_gpt2_dir(tmp_path):
     return make
 
 
+# One math thread for the runs whose losses are compared bit for bit across processes. With two, MKL and OpenMP split
+# the work by the threads they get, and the last bit of a loss has been seen to differ between two processes of the
+# same run (2-core AMD EPYC, 1 run in about 15); with one thread nothing in the arithmetic depends on timing.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def one_thread_env():
+    return {**os.environ, **ONE_THREAD}
+
+
 def run_script(script, *args, env=None, timeout=300):
     """Run one of the repo's scripts in a fresh interpreter."""
     import subprocess

@@ -14,7 +14,7 @@ import torch
 
 import train
 from checkpoint import load_checkpoint, read_log, rng_states, save_checkpoint, set_rng_states
-from conftest import ROOT, free_port, run_script, torchrun, torchrun_node, train_losses
+from conftest import ROOT, free_port, one_thread_env, run_script, torchrun, torchrun_node, train_losses
 from utils import UserError
 
 
@@ -123,7 +123,7 @@ def node_copies(tmp_path, data_dir, with_data=(True, True)):
     return nodes
 
 
-def run_two_nodes(nodes, *args, timeout=180):
+def run_two_nodes(nodes, *args, timeout=180, env=None):
     """torchrun on each node (one process each), run from the node's own copy; returns (exit codes, seconds, output)."""
     port = free_port()
     procs, logs = [], []
@@ -131,7 +131,7 @@ def run_two_nodes(nodes, *args, timeout=180):
     for rank, node in enumerate(nodes):
         cmd = torchrun_node("train.py", rank, port, *args)
         logs.append(open(node / "node.log", "w"))
-        procs.append(subprocess.Popen(cmd, cwd=node, stdout=logs[-1], stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen(cmd, cwd=node, stdout=logs[-1], stderr=subprocess.STDOUT, env=env))
     while time.time() - t0 < timeout and any(p.poll() is None for p in procs):
         time.sleep(0.1)
     for p in procs:
@@ -169,7 +169,7 @@ def test_two_nodes_without_a_shared_filesystem_evaluate_hellaswag_and_resume(dat
     nodes = node_copies(tmp_path, data_dir)
     shutil.copy(hellaswag_file, nodes[0] / "hellaswag.jsonl")  # node 0 alone has the HellaSwag file
     args = tiny("data", "out", "--hellaswag-interval", 4, "--hellaswag-file", "hellaswag.jsonl")
-    codes, _, output = run_two_nodes(nodes, *args)
+    codes, _, output = run_two_nodes(nodes, *args, env=one_thread_env())
     assert codes == [0, 0], output
     assert "HellaSwag is skipped" not in output
     one = tmp_path / "one"
@@ -185,7 +185,7 @@ def test_two_nodes_without_a_shared_filesystem_evaluate_hellaswag_and_resume(dat
 
     # a crash after the step-4 checkpoint: node 0 holds it, node 1 holds nothing; both must resume at step 4
     (nodes[0] / "out" / "ckpt_000008.pt").unlink()
-    codes, _, output = run_two_nodes(nodes, *args, "--resume")
+    codes, _, output = run_two_nodes(nodes, *args, "--resume", env=one_thread_env())
     assert codes == [0, 0], output
     resumes = [rec for rec in log_records(nodes[0] / "out") if rec.get("event") == "resume"]
     assert [rec["step"] for rec in resumes] == [4]

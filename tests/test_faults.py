@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from checkpoint import check_weights, read_log
-from conftest import ROOT, make_docs, run_script, tiny, torchrun, train_losses
+from conftest import ROOT, make_docs, one_thread_env, run_script, tiny, torchrun, train_losses
 from utils import UserError
 
 DOWNLOADER = "download-fineweb-edu.py"
@@ -26,13 +26,13 @@ def one_line_error(r, message):
     return lines[-1]
 
 
-def start_train(*args, **kw):
+def start_train(*args, env=None, **kw):
     return subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "train.py"), *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        env=dict(env or os.environ, PYTHONUNBUFFERED="1"),
         **kw,
     )
 
@@ -164,9 +164,9 @@ def test_resume_names_the_settings_it_cannot_continue_under_and_logs_the_ones_it
 
 def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resume_continues_exactly(data_dir, tmp_path):
     args = ["--max-steps", 40, "--checkpoint-interval", 0, "--eval-interval", 0, "--sample-interval", 0]
-    assert run_script("train.py", *tiny(data_dir, tmp_path / "straight", *args)).returncode == 0
+    assert run_script("train.py", *tiny(data_dir, tmp_path / "straight", *args), env=one_thread_env()).returncode == 0
     out = tmp_path / "preempted"
-    proc = start_train(*tiny(data_dir, out, *args))
+    proc = start_train(*tiny(data_dir, out, *args), env=one_thread_env())
     wait_for_step(out, 5, proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
@@ -176,7 +176,7 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resume_continues_exac
     assert f"stopped by SIGTERM after step {last}: continue with --resume" in stdout
     assert [p.name for p in out.glob("ckpt_*")] == [f"ckpt_{last + 1:06d}.pt"]
     assert last < 39
-    r = run_script("train.py", *tiny(data_dir, out, *args, "--resume"))
+    r = run_script("train.py", *tiny(data_dir, out, *args, "--resume"), env=one_thread_env())
     assert r.returncode == 0, r.stderr
     assert train_losses(out) == train_losses(tmp_path / "straight")  # every step, bit for bit
 

@@ -14,7 +14,7 @@ import torch
 
 import train
 from checkpoint import load_checkpoint, read_log, save_checkpoint
-from conftest import ROOT, free_port, run_script, tiny, torchrun, torchrun_node, train_losses
+from conftest import ROOT, free_port, one_thread_env, run_script, tiny, torchrun, torchrun_node, train_losses
 
 
 def run_train(*args, **kw):
@@ -141,12 +141,13 @@ def test_gradient_accumulation_equals_one_big_micro_batch(data_dir, tmp_path):
 
 def test_resume_after_sigkill_is_bit_exact(data_dir, tmp_path):
     args = ["--max-steps", 80, "--checkpoint-interval", 10, "--eval-interval", 40, "--sample-interval", 0]
-    run_train(*tiny(data_dir, tmp_path / "straight", *args))
+    run_train(*tiny(data_dir, tmp_path / "straight", *args), env=one_thread_env())
     out = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "train.py"), *tiny(data_dir, out, *args)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=one_thread_env(),
     )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -157,7 +158,7 @@ def test_resume_after_sigkill_is_bit_exact(data_dir, tmp_path):
     proc.wait()
     before = (out / "log.jsonl").read_text()
     assert 37 in train_losses(out) and 79 not in train_losses(out)
-    run_train(*tiny(data_dir, out, *args, "--resume"))
+    run_train(*tiny(data_dir, out, *args, "--resume"), env=one_thread_env())
     after = (out / "log.jsonl").read_text()
     assert after.startswith(before)  # appended, never truncated
     resume = [json.loads(line) for line in after[len(before) :].splitlines()][0]
@@ -167,12 +168,12 @@ def test_resume_after_sigkill_is_bit_exact(data_dir, tmp_path):
 
 def test_a_shuffled_run_resumes_its_document_order_exactly(data_dir, tmp_path):
     args = ["--shuffle", "--seed", 3, "--max-steps", 20, "--checkpoint-interval", 10, "--sample-interval", 0]
-    run_train(*tiny(data_dir, tmp_path / "straight", *args))
+    run_train(*tiny(data_dir, tmp_path / "straight", *args), env=one_thread_env())
     run_train(*tiny(data_dir, tmp_path / "plain", "--max-steps", 20, "--sample-interval", 0))
     assert train_losses(tmp_path / "straight") != train_losses(tmp_path / "plain")  # another order of the data
     (tmp_path / "resumed").mkdir()
     shutil.copy(tmp_path / "straight" / "ckpt_000010.pt", tmp_path / "resumed")
-    run_train(*tiny(data_dir, tmp_path / "resumed", *args, "--resume"))
+    run_train(*tiny(data_dir, tmp_path / "resumed", *args, "--resume"), env=one_thread_env())
     straight = train_losses(tmp_path / "straight")
     assert train_losses(tmp_path / "resumed") == {step: straight[step] for step in range(10, 20)}
 
