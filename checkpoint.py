@@ -27,6 +27,7 @@ from utils import UserError, atomic_write, first_line, gpt2_bpe_files, when_gone
 CHECKPOINT_NAME = re.compile(r"^ckpt_(\d{6,})\.pt$")
 # settings a checkpoint cannot continue under; any other change on --resume is allowed and logged
 FIXED_ON_RESUME = ("n_layer", "n_head", "n_embd", "seq_len", "total_batch")
+SHAPE_FLAGS = ("n_layer", "n_head", "n_embd")  # None in a config: the shape of --init-from's weights
 RESUME_KEYS = ("model", "optimizer", "model_config", "config", "step", "train_loader", "rng")
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ def find_start(config):
                 f"{start.path} is at step {step}, past --max-steps {config.max_steps}: "
                 "give a larger --max-steps to go on"
             )
-        fixed = [k for k in FIXED_ON_RESUME if saved.get(k) != getattr(config, k)]
+        fixed = [k for k in FIXED_ON_RESUME if getattr(config, k) is not None and saved.get(k) != getattr(config, k)]
         if fixed:
             was = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)}" for k in fixed)
             now = ", ".join(f"--{k.replace('_', '-')} {getattr(config, k)}" for k in fixed)
@@ -352,6 +353,64 @@ def read_log(path):
     return [steps[s] for s in sorted(steps)]
 
 
+class RunLog:
+    """What the master process logs: log.jsonl in the out dir and, with --wandb-project, the same records in a
+    Weights & Biases run (wandb is imported only then). A resume continues the wandb run its checkpoint names."""
+
+    def __init__(self, out_dir):
+        self.out_dir, self.path = out_dir, os.path.join(out_dir, "log.jsonl")
+        self.wandb_run = self.wandb_id = None
+
+    def start_wandb(self, project, run_name, config):
+        try:
+            import wandb
+        except ImportError as e:
+            raise UserError(f"--wandb-project needs the wandb package ({e}): pip install wandb") from e
+        self.wandb_run = wandb.init(project=project, name=run_name or None, id=self.wandb_id, resume="allow",
+                                    config=config, dir=self.out_dir)  # fmt: skip
+        self.wandb_id = self.wandb_run.id  # kept in the checkpoints
+
+    def write(self, record):
+        append_jsonl(self.path, record)
+        if self.wandb_run is None or "event" in record:  # config, resume and end are the run's own state in wandb
+            return
+        metrics = {k: v for k, v in record.items() if k not in ("step", "samples")}
+        if "samples" in record:  # text as a table: a row per sample
+            import wandb
+
+            metrics["samples"] = wandb.Table(
+                columns=["step", "text"], data=[[record["step"], t] for t in record["samples"]]
+            )
+        self.wandb_run.log(metrics, step=record["step"])
+
+    def close(self, exit_code=0):
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=exit_code)
+            self.wandb_run = None
+
+
+def log_run_start(run_log, config, start, start_step, raw_model, setup):
+    """The first record of a run (its resolved config) or of a resumed one (what changed), and a summary line."""
+    run = {k: setup[k] for k in ("world_size", "grad_accum_steps")}
+    run_log.wandb_id = start.checkpoint and start.checkpoint.get("wandb_run_id")  # a resume continues its wandb run
+    if config.wandb_project:
+        run_log.start_wandb(config.wandb_project, config.wandb_run_name, {**asdict(config), **setup})
+    if start_step == 0:  # the resolved config: the flags as this run applied them
+        run_log.write(dict(event="config", **{**asdict(config), **setup}, n_params=raw_model.num_params()))
+    else:
+        saved = start.checkpoint["config"]
+        changes = {k: [saved.get(k), v] for k, v in asdict(config).items() if k != "resume" and saved.get(k) != v}
+        run_log.write(dict(event="resume", step=start_step, checkpoint=start.path, **run, changes=changes))
+        if changes:
+            changed = ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changes.items())
+            print(f"note: settings changed since the checkpoint: {changed}")
+    print(
+        f"{raw_model.num_params():,} parameters | {run['world_size']} x {setup['device']} | {config.total_batch:,} "
+        f"tokens/step = {config.micro_batch} x {config.seq_len} x {run['world_size']} x {run['grad_accum_steps']} "
+        f"grad accum | steps {start_step}..{config.max_steps}"
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # stopping and failing together
 
@@ -568,6 +627,31 @@ def load_model(spec, device="cpu"):
             f"or one of {', '.join(MODEL_SIZES)}"
         )
     return model.to(device).eval()
+
+
+def model_for_run(config, start):
+    """The model train.py trains, on the CPU: the checkpoint's shape on a resume (restore puts its weights in), the
+    weights of --init-from on a fine-tune's first start, else a new GPT of the flags' shape. The config's shape flags
+    are set to the model's; with --init-from, a flag given that contradicts the weights is refused."""
+    if start.checkpoint is not None:  # a fine-tune resumes from its own checkpoint, never from --init-from again
+        model = GPT(GPTConfig(**start.checkpoint["model_config"]))
+    elif config.init_from:
+        model = load_model(config.init_from).train()
+        for k in SHAPE_FLAGS:
+            if getattr(config, k) not in (None, getattr(model.config, k)):
+                flag = f"--{k.replace('_', '-')}"
+                raise UserError(f"{flag} {getattr(config, k)} contradicts --init-from {config.init_from}, "
+                                f"whose weights have {flag} {getattr(model.config, k)}: leave {flag} out")  # fmt: skip
+        if config.seq_len > model.config.block_size:
+            raise UserError(
+                f"--seq-len {config.seq_len} is longer than the context of --init-from {config.init_from} "
+                f"({model.config.block_size} tokens)"
+            )
+    else:
+        model = GPT(GPTConfig(block_size=config.seq_len, **{k: getattr(config, k) for k in SHAPE_FLAGS}))
+    for k in SHAPE_FLAGS:
+        setattr(config, k, getattr(model.config, k))
+    return model
 
 
 def export_model(model, out_dir):

@@ -29,13 +29,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import hellaswag
 import sample
 from checkpoint import (
+    SHAPE_FLAGS,
+    RunLog,
     StopSignal,
     all_ranks_agree,
-    append_jsonl,
     check_loss,
     check_weights,
     export_model,
     find_start_on_every_rank,
+    log_run_start,
+    model_for_run,
     model_from_checkpoint,
     restore,
     rng_states,
@@ -46,7 +49,7 @@ from checkpoint import (
 )
 from misc.plot_log import plot_log
 from misc.stories import prepare_quickstart
-from model import GPT, MODEL_SIZES, GPTConfig, autocast, is_cuda, peak_flops
+from model import MODEL_SIZES, autocast, is_cuda, peak_flops
 from utils import (
     ShardedDataLoader,
     UserError,
@@ -64,7 +67,8 @@ class TrainConfig:
     out_dir: str = "log"  # log.jsonl, loss.png and checkpoints
     device: str = "auto"  # cuda, cpu, mps or auto
     resume: bool = False  # continue from the newest checkpoint in --out-dir
-    # model
+    init_from: str = ""  # fine-tune these weights (gpt2 .. gpt2-xl, a transformers dir, a checkpoint or out dir)
+    # model (with --init-from, its weights give the shape)
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -97,6 +101,10 @@ class TrainConfig:
     sample_tokens: int = 32
     checkpoint_interval: int = 1_000
     keep_checkpoints: int = 3  # the newest N are kept (0: all)
+    wandb_project: str = (
+        ""  # also log to this Weights & Biases project (pip install wandb; offline: WANDB_MODE=offline)
+    )
+    wandb_run_name: str = ""  # the wandb run's name (default: wandb's)
     export: str = ""  # at the end, write the model as a transformers directory here (lm-eval-harness can load it)
 
 
@@ -206,12 +214,12 @@ def main(argv=None):
     # where the run starts: rank 0 owns the out dir (log, plots, checkpoints) and reads the checkpoint for everyone
     # the lock lasts as long as this file object: keep it for the whole run
     lock = all_ranks_agree(lambda: take_out_dir(config.out_dir) if master_process else None)  # noqa: F841
-    log_path = os.path.join(config.out_dir, "log.jsonl")
+    run_log = RunLog(config.out_dir)  # log.jsonl, and wandb with --wandb-project
     start = find_start_on_every_rank(config, master_process, device)
     if start.finished:  # started again after the last step: nothing to train, perhaps something to --export
         if master_process:
             model = model_from_checkpoint(start.checkpoint, start.path) if config.export else None
-            log_run_end(log_path, config, model, start)
+            log_run_end(run_log, config, model, start)
         teardown_distributed()
         return
 
@@ -219,9 +227,8 @@ def main(argv=None):
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     if is_cuda(device):
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls (HellaSwag and sampling use full fp32)
-    model_config = GPTConfig(block_size=config.seq_len, n_layer=config.n_layer, n_head=config.n_head,
-                             n_embd=config.n_embd)  # fmt: skip
-    model = GPT(model_config).to(device)
+    # a new GPT of the flags' shape, --init-from's pretrained weights, or a resume's shape; on every rank
+    model = all_ranks_agree(lambda: model_for_run(config, start)).to(device)
     optimizer = model.configure_optimizers(config.weight_decay, config.max_lr, (config.beta1, config.beta2),
                                            torch.device(device).type, config.eps)  # fmt: skip
     # a resume puts the weights, optimizer state, data position and RNG states back; val_loss as last measured
@@ -235,7 +242,7 @@ def main(argv=None):
     if master_process:
         setup = dict(device=device, compile=compile_model, micro_batch_requested=requested_micro_batch,
                      world_size=ddp_world_size, grad_accum_steps=grad_accum_steps)  # fmt: skip
-        log_run_start(log_path, config, start, start_step, raw_model, setup)
+        log_run_start(run_log, config, start, start_step, raw_model, setup)
     start.checkpoint = None  # its memory back: everything in it is in place now
     # HellaSwag's examples, read (downloaded once) by rank 0 and sent to the others
     hellaswag_examples = config.hellaswag_interval > 0 and hellaswag.examples_on_every_rank(
@@ -257,13 +264,13 @@ def main(argv=None):
                 results = hellaswag.evaluate(raw_model, hellaswag_examples, device, 32, ddp_rank, ddp_world_size)
                 record.update({f"hellaswag_{k}": v for k, v in results.items()})
             if master_process and len(record) > 1:
-                append_jsonl(log_path, record)
+                run_log.write(record)
                 print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-                plot_log(log_path, os.path.join(config.out_dir, "loss.png"))
+                plot_log(run_log.path, os.path.join(config.out_dir, "loss.png"))
             sample_due = config.sample_interval > 0 and (step % config.sample_interval == 0 or last_step)
             if master_process and sample_due and step > 0:
                 texts = sample.texts(raw_model, config.sample_prompt, config.num_samples, config.sample_tokens, device)
-                append_jsonl(log_path, dict(step=step, samples=texts))
+                run_log.write(dict(step=step, samples=texts))
                 print("\n".join(f"sample: {text!r}" for text in texts))
             if last_step:
                 break
@@ -279,7 +286,7 @@ def main(argv=None):
             # a NaN stops the run, the checkpoints stay good; loss and norm are the same on every rank (all-reduced)
             check_loss(loss, norm, step, config.out_dir)
             if master_process:
-                log_step(log_path, step, loss, lr, norm, dt, config.total_batch, raw_model, device, ddp_world_size)
+                log_step(run_log, step, loss, lr, norm, dt, config, raw_model, device, ddp_world_size)
 
             # a checkpoint every checkpoint_interval steps, after the last step, and when a stop signal came
             signum = stop.agreed(device)  # the same on every rank (a one-number all-reduce), so all stop together
@@ -289,15 +296,16 @@ def main(argv=None):
                 if master_process:
                     # everything the next step depends on: a resumed run continues exactly where this one stopped
                     state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                                 model_config=asdict(model_config), config=asdict(config), step=step + 1,
+                                 model_config=asdict(raw_model.config), config=asdict(config), step=step + 1,
                                  train_loader=train_loader.state_dict(), val_loss=val_loss,
-                                 rng=rng_states(device))  # fmt: skip
+                                 rng=rng_states(device), wandb_run_id=run_log.wandb_id)  # fmt: skip
                     write_checkpoint(config.out_dir, state, config.keep_checkpoints, damaged)
             if signum:
                 break
 
     if master_process:
-        log_run_end(log_path, config, raw_model, start, signum, step)
+        log_run_end(run_log, config, raw_model, start, signum, step)
+        run_log.close(128 + signum if signum else 0)
     teardown_distributed()
     if signum:
         raise SystemExit(128 + signum)  # the shell's code for "ended by this signal": the run is not done
@@ -316,16 +324,21 @@ def parse_config(argv=None):
     if preset not in PRESETS:
         parser.error(f"unknown --preset {preset!r}: choose one of {', '.join(PRESETS)}")
     parser.set_defaults(**PRESETS[preset])
-    config = TrainConfig(**vars(parser.parse_args(argv)))
+    args = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(SHAPE_FLAGS)))  # None: not given
+    if not args.init_from:  # the preset's shape where no flag gave one; with --init-from, the weights' shape
+        vars(args).update({k: parser.get_default(k) for k in SHAPE_FLAGS if getattr(args, k) is None})
+    config = TrainConfig(**vars(args))
+    # a worker that torchrun started again (train.sh's MAX_RESTARTS) continues from the newest checkpoint by itself
+    config.resume = config.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) > 0
     check_config(config)
     return config
 
 
 def check_config(config):
     """One-line errors for settings that would crash later or train on garbage (NaN fails every comparison)."""
-    check_flags(config, "at least 1", lambda v: v >= 1, "micro_batch", "seq_len", "total_batch", "n_layer", "n_head",
-                "n_embd")  # fmt: skip
-    if config.n_embd % config.n_head != 0:
+    check_flags(config, "at least 1", lambda v: v is None or v >= 1, "micro_batch", "seq_len", "total_batch",
+                "n_layer", "n_head", "n_embd")  # fmt: skip
+    if config.n_embd and config.n_head and config.n_embd % config.n_head != 0:
         raise UserError(f"--n-embd {config.n_embd} is not divisible by --n-head {config.n_head}")
     check_flags(config, "0 or more", lambda v: v >= 0, "max_steps", "keep_checkpoints", "eval_interval",
                 "hellaswag_interval", "sample_interval", "checkpoint_interval", "val_steps", "warmup_steps",
@@ -384,32 +397,13 @@ def open_loaders(config, ddp_rank, ddp_world_size, master_process):
     return train_loader, val_loader
 
 
-def log_run_start(log_path, config, start, start_step, raw_model, setup):
-    """The first record of a run (its resolved config) or of a resumed one (what changed), and a summary line."""
-    run = {k: setup[k] for k in ("world_size", "grad_accum_steps")}
-    if start_step == 0:  # the resolved config: the flags as this run applied them
-        append_jsonl(log_path, dict(event="config", **{**asdict(config), **setup}, n_params=raw_model.num_params()))
-    else:
-        saved = start.checkpoint["config"]
-        changes = {k: [saved.get(k), v] for k, v in asdict(config).items() if k != "resume" and saved.get(k) != v}
-        append_jsonl(log_path, dict(event="resume", step=start_step, checkpoint=start.path, **run, changes=changes))
-        if changes:
-            changed = ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changes.items())
-            print(f"note: settings changed since the checkpoint: {changed}")
-    print(
-        f"{raw_model.num_params():,} parameters | {run['world_size']} x {setup['device']} | {config.total_batch:,} "
-        f"tokens/step = {config.micro_batch} x {config.seq_len} x {run['world_size']} x {run['grad_accum_steps']} "
-        f"grad accum | steps {start_step}..{config.max_steps}"
-    )
-
-
-def log_step(log_path, step, loss, lr, norm, dt, total_batch, raw_model, device, ddp_world_size):
-    tokens_per_sec = total_batch / dt
+def log_step(run_log, step, loss, lr, norm, dt, config, raw_model, device, ddp_world_size):
+    tokens_per_sec = config.total_batch / dt
     peak = peak_flops(device)  # this GPU's bf16 FLOP/s (None on a CPU or an unknown card)
     entry = dict(step=step, train_loss=loss, lr=lr, grad_norm=norm, dt_ms=dt * 1000, tokens_per_sec=tokens_per_sec)
     if peak:  # MFU: the model's FLOPs per second as a share of one GPU's peak
-        entry["mfu"] = raw_model.estimate_mfu(tokens_per_sec / ddp_world_size, raw_model.config.block_size, peak)
-    append_jsonl(log_path, entry)
+        entry["mfu"] = raw_model.estimate_mfu(tokens_per_sec / ddp_world_size, config.seq_len, peak)
+    run_log.write(entry)
     mfu = f" | mfu {100 * entry['mfu']:.1f}%" if peak else ""
     print(
         f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {dt * 1000:.1f}ms "
@@ -417,11 +411,11 @@ def log_step(log_path, step, loss, lr, norm, dt, total_batch, raw_model, device,
     )
 
 
-def log_run_end(log_path, config, raw_model, start, signum=0, step=None):
+def log_run_end(run_log, config, raw_model, start, signum=0, step=None):
     """Stopped by a signal (resume to go on), or finished: the export, and where the results are."""
     if signum:
         name = signal.Signals(signum).name
-        append_jsonl(log_path, dict(event="stopped", step=step + 1, signal=name))
+        run_log.write(dict(event="stopped", step=step + 1, signal=name))
         print(f"stopped by {name} after step {step}: continue with --resume --out-dir {config.out_dir}")
         return
     if start.finished:
@@ -432,7 +426,7 @@ def log_run_end(log_path, config, raw_model, start, signum=0, step=None):
         print(f"exported {what} to {config.export} (transformers GPT2LMHeadModel format)")
     if start.finished:
         return
-    append_jsonl(log_path, dict(event="finished", step=config.max_steps))
+    run_log.write(dict(event="finished", step=config.max_steps))
     out = shlex.quote(config.out_dir)
     print(
         f"\nfinished {config.max_steps} steps. In {config.out_dir}: log.jsonl (every step and evaluation), loss.png "
@@ -441,7 +435,7 @@ def log_run_end(log_path, config, raw_model, start, signum=0, step=None):
         f"  python sample.py --model {out} --temperature 0.8 --max-new-tokens 200          # longer, less random\n"
         f"  python hellaswag.py --model {out} --data-file hellaswag_val.jsonl   # HellaSwag (without --data-file: "
         "downloaded once)\n"
-        f"  python misc/plot_log.py {shlex.quote(log_path)}   # redraw the plot"
+        f"  python misc/plot_log.py {shlex.quote(run_log.path)}   # redraw the plot"
     )
 
 

@@ -1,0 +1,152 @@
+"""Fine-tuning (train.py --init-from) and experiment tracking (--wandb-project, with wandb for real in offline mode)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from checkpoint import load_model, read_log
+from conftest import one_thread_env, run_script, tiny, train_losses
+from test_checkpoints import write_nanogpt_checkpoint
+from test_faults import one_line_error
+from utils import ShardedDataLoader
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A small GPT-2 written by transformers' save_pretrained, its embeddings scaled so that its loss is nothing like
+    a new model's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257))
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(40)
+    d = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(d)
+    return d
+
+
+def first_step_loss(spec, data_dir):
+    """The loss train.py's tiny preset logs at step 0, computed here: 4 micro-batches of 4 x 32, the mean."""
+    model = load_model(str(spec))
+    loader = ShardedDataLoader(str(data_dir), "train", 4, 32, 0, 1)
+    with torch.no_grad():
+        return sum(model(*loader.next_batch())[1] / 4 for _ in range(4)).item()
+
+
+def test_init_from_a_transformers_directory_starts_from_its_weights(data_dir, hf_dir, tmp_path):
+    r = run_script("train.py", *tiny(data_dir, tmp_path / "ft", "--init-from", hf_dir, "--max-steps", 4))
+    assert r.returncode == 0, r.stderr
+    losses = train_losses(tmp_path / "ft")
+    assert losses[0] == pytest.approx(first_step_loss(hf_dir, data_dir), rel=1e-6)  # the loaded model's loss
+    assert run_script("train.py", *tiny(data_dir, tmp_path / "new", "--max-steps", 1)).returncode == 0
+    assert abs(losses[0] - train_losses(tmp_path / "new")[0]) > 1.0  # a new GPT would log another loss
+    config = json.loads((tmp_path / "ft" / "log.jsonl").read_text().splitlines()[0])
+    assert (config["init_from"], config["n_layer"], config["n_embd"]) == (str(hf_dir), 2, 32)  # the weights' shape
+    ckpt = torch.load(tmp_path / "ft" / "ckpt_000004.pt", weights_only=False)
+    assert ckpt["model_config"]["vocab_size"] == 50257 and ckpt["model_config"]["block_size"] == 64
+
+
+def test_init_from_a_nanogpt_checkpoint_trains(data_dir, tmp_path):
+    write_nanogpt_checkpoint(tmp_path / "nanogpt", bias=False, compiled=True)
+    r = run_script("train.py", *tiny(data_dir, tmp_path / "ft", "--init-from", tmp_path / "nanogpt", "--max-steps", 3))
+    assert r.returncode == 0, r.stderr
+    assert train_losses(tmp_path / "ft")[0] == pytest.approx(first_step_loss(tmp_path / "nanogpt", data_dir), rel=1e-6)
+    ckpt = torch.load(tmp_path / "ft" / "ckpt_000003.pt", weights_only=False)
+    assert (ckpt["model_config"]["bias"], ckpt["model_config"]["gelu"], ckpt["config"]["n_head"]) == (False, "exact", 4)
+
+
+def test_a_resumed_fine_tune_continues_from_its_own_checkpoint_exactly(data_dir, hf_dir, tmp_path):
+    init = tmp_path / "init"
+    shutil.copytree(hf_dir, init)
+    args = ["--init-from", init, "--max-steps", 10, "--checkpoint-interval", 5, "--sample-interval", 0]
+    assert run_script("train.py", *tiny(data_dir, tmp_path / "straight", *args), env=one_thread_env()).returncode == 0
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "straight" / "ckpt_000005.pt", tmp_path / "resumed")
+    shutil.rmtree(init)  # the resume reads its checkpoint, never the init weights again
+    r = run_script("train.py", *tiny(data_dir, tmp_path / "resumed", *args, "--resume"), env=one_thread_env())
+    assert r.returncode == 0, r.stderr
+    straight = train_losses(tmp_path / "straight")
+    assert train_losses(tmp_path / "resumed") == {step: straight[step] for step in range(5, 10)}
+
+
+def test_a_bad_init_spec_or_a_contradicting_flag_is_one_line(data_dir, hf_dir, tmp_path):
+    r = run_script("train.py", *tiny(data_dir, tmp_path / "a", "--init-from", "no-such-model"))
+    one_line_error(r, "no model 'no-such-model': give a checkpoint .pt, an out dir, a transformers directory")
+    r = run_script("train.py", *tiny(data_dir, tmp_path / "b", "--init-from", hf_dir, "--n-layer", 3))
+    one_line_error(r, f"--n-layer 3 contradicts --init-from {hf_dir}, whose weights have --n-layer 2")
+    r = run_script("train.py", *tiny(data_dir, tmp_path / "c", "--init-from", hf_dir, "--seq-len", 128))
+    one_line_error(r, f"--seq-len 128 is longer than the context of --init-from {hf_dir} (64 tokens)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights & Biases
+
+
+def wandb_records(run_dir):
+    """The records of an offline wandb run, read back with wandb's own reader (wandb leet inspect --json)."""
+    wandb = os.path.join(os.path.dirname(sys.executable), "wandb")
+    out = subprocess.run([wandb, "leet", "inspect", "--json", str(run_dir)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def wandb_services():
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                found += [pid] if b"wandb-core" in f.read() else []
+        except OSError:
+            continue
+    return found
+
+
+def wandb_runs(out_dir):
+    return sorted((out_dir / "wandb").glob("offline-run-*"))
+
+
+def test_wandb_gets_the_config_every_step_evaluations_and_samples_and_a_resume_continues_its_run(data_dir, tmp_path):
+    out = tmp_path / "run"
+    env = dict(one_thread_env(), WANDB_MODE="offline")
+    args = ["--wandb-project", "gpt2-tests", "--wandb-run-name", "tiny", "--eval-interval", 2, "--sample-interval", 2]
+    r = run_script("train.py", *tiny(data_dir, out, *args, "--max-steps", 4), env=env)
+    assert r.returncode == 0, r.stderr
+    r = run_script("train.py", *tiny(data_dir, out, *args, "--max-steps", 6, "--resume"), env=env)
+    assert r.returncode == 0, r.stderr
+    assert not wandb_services()  # the service wandb started ended with the run
+
+    first, second = (wandb_records(d) for d in wandb_runs(out))
+    runs = [next(rec["run"] for rec in records if rec["type"] == "run") for records in (first, second)]
+    assert runs[0]["run_id"] == runs[1]["run_id"] and runs[0]["display_name"] == "tiny"  # one run, continued
+    config = runs[0]["config"]["update"]
+    assert (config["preset"], config["n_layer"], config["max_steps"], config["world_size"]) == ("tiny", 2, 4, 1)
+
+    history = {}
+    for records in (first, second):
+        for rec in records:
+            if rec["type"] == "history":
+                history.setdefault(rec["history"]["step"]["num"], {}).update(rec["history"]["item"])
+    logged = {rec["step"]: rec for rec in read_log(out / "log.jsonl")}
+    assert sorted(history) == sorted(logged) == list(range(7))
+    for step, rec in logged.items():
+        for key in ("train_loss", "lr", "grad_norm", "val_loss"):
+            if key in rec:
+                assert history[step][key] == rec[key], (step, key)
+    assert "val_loss" in history[6] and history[4]["samples.nrows"] == 2  # evaluations; samples as a table
+    table = json.loads((wandb_runs(out)[1] / "files" / history[6]["samples.path"]).read_text())
+    assert [row[1] for row in table["data"]] == logged[6]["samples"]
+
+
+def test_wandb_not_installed_is_one_line_that_says_how_to_install_it(data_dir, tmp_path):
+    fake = tmp_path / "site" / "wandb"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError(\"No module named 'wandb'\")\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    r = run_script("train.py", *tiny(data_dir, tmp_path / "run", "--wandb-project", "p", "--max-steps", 1), env=env)
+    one_line_error(r, "--wandb-project needs the wandb package (No module named 'wandb'): pip install wandb")
