@@ -4,15 +4,28 @@
 #   ./train.sh --preset quickstart                 # no GPU needed
 #   ./train.sh                                     # the reference GPT-2 124M run on all local GPUs
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 ./train.sh   # on node 0; NODE_RANK=1 on node 1
+#   srun ./train.sh                                # SLURM, one task per node: nodes and addresses from SLURM
+#   MAX_RESTARTS=3 ./train.sh                      # torchrun starts failed ranks again; they resume by themselves
 #
 # GPUs are counted with nvidia-smi, limited to those CUDA_VISIBLE_DEVICES shows; NGPU=N overrides the count.
+# Several nodes meet through torchrun's c10d rendezvous at MASTER_ADDR:MASTER_PORT, so a node started again rejoins;
+# ranks go by host name, so node 0 of SLURM's list (its first host) is rank 0, which writes the checkpoints.
 # TRAIN_SH_DRY_RUN=1 prints the command instead of running it. TORCH_ELASTIC_SHUTDOWN_TIMEOUT (300 s) is the grace
 # torchrun gives the ranks after a SIGTERM: for the step, then the checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 die() { echo "error: $*" >&2; exit 2; }
-for var in NGPU NNODES NODE_RANK MASTER_PORT; do
+# under SLURM (srun ./train.sh, one task per node) the node count, this node's rank and node 0's address are SLURM's
+if [[ -n "${SLURM_JOB_NODELIST:-}" && -n "${SLURM_NNODES:-}" && -z "${NNODES:-}" ]]; then
+    NNODES="$SLURM_NNODES"
+    NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-}}"
+    if [[ -z "${MASTER_ADDR:-}" ]]; then
+        MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1) || true
+        [[ -n "$MASTER_ADDR" ]] || die "scontrol show hostnames '$SLURM_JOB_NODELIST' gave no host: set MASTER_ADDR"
+    fi
+fi
+for var in NGPU NNODES NODE_RANK MASTER_PORT MAX_RESTARTS; do
     value="${!var:-}"
     [[ -z "$value" || "$value" =~ ^[0-9]+$ ]] || die "$var must be a whole number >= 0, got '$value'"
 done
@@ -37,14 +50,21 @@ if [[ "${NNODES:-1}" -gt 1 && "$NGPU" -lt 1 ]]; then
 fi
 if [[ "$NGPU" -ge 1 ]]; then
     if [[ "${NNODES:-1}" -gt 1 ]]; then
-        [[ -n "${NODE_RANK:-}" ]] || die "set NODE_RANK (0 .. NNODES-1) for a multi-node run"
         [[ -n "${MASTER_ADDR:-}" ]] || die "set MASTER_ADDR to the address of node 0 for a multi-node run"
-        (( NODE_RANK < NNODES )) || die "NODE_RANK=$NODE_RANK must be below NNODES=$NNODES"
-        cmd=(torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NGPU"
-             --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" train.py "$@")
+        (( ${NODE_RANK:-0} < NNODES )) || die "NODE_RANK=$NODE_RANK must be below NNODES=$NNODES"
+        cmd=(torchrun --nnodes "$NNODES" --nproc_per_node "$NGPU" --rdzv-backend c10d
+             --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "${SLURM_JOB_ID:-gpt2}")
     else
-        cmd=(torchrun --standalone --nproc_per_node "$NGPU" train.py "$@")
+        cmd=(torchrun --standalone --nproc_per_node "$NGPU")
     fi
+    # elastic restarts: a rank that fails (or a node that is lost) restarts every rank, which resume from the newest
+    # checkpoint by themselves (train.py sees TORCHELASTIC_RESTART_COUNT). The workers keep a store of their own:
+    # sharing torchrun's, a restarted rank can read a peer's address from the attempt before (pytorch#135712)
+    if [[ "${MAX_RESTARTS:-0}" -gt 0 ]]; then
+        cmd+=(--max-restarts "$MAX_RESTARTS")
+        export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
+    fi
+    cmd+=(train.py "$@")
 else
     # CPU: glibc would hand every large freed tensor (logits, their gradients) back to the OS and page-fault it in
     # again next step; keeping them in the heap makes a CPU step about 1.5x faster.

@@ -6,7 +6,8 @@ import signal
 import subprocess
 import time
 
-from conftest import ROOT, process_table, tiny, torchrun, train_losses
+from checkpoint import read_jsonl
+from conftest import ROOT, one_thread_env, process_table, tiny, torchrun, train_losses
 from test_faults import wait_for_step
 
 
@@ -63,3 +64,65 @@ def test_sigterm_through_train_sh_gives_the_ranks_time_for_a_step_longer_than_to
             assert proc.returncode != 0  # torchrun's own status after a signal (1), whatever its ranks did
         else:
             assert "forcefully exiting via 9" in stderr or proc.returncode != 0, stderr[-3000:]
+
+
+def rank_of(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return int(dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)[b"RANK"])
+
+
+def test_a_rank_killed_under_max_restarts_is_started_again_and_the_job_ends_as_unbroken_runs_do(data_dir, tmp_path):
+    def args(out):
+        return tiny(data_dir, out, "--max-steps", 16, "--checkpoint-interval", 4, "--eval-interval", 0,
+                    "--sample-interval", 0)  # fmt: skip
+
+    env = dict(one_thread_env(), NGPU="2", MAX_RESTARTS="1", PYTHONUNBUFFERED="1")
+    train_sh = os.path.join(ROOT, "train.sh")
+    r = subprocess.run([train_sh, *args(tmp_path / "straight")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "run"
+    proc = subprocess.Popen([train_sh, *args(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+    wait_for_step(out, 9, proc)  # past the checkpoint written after step 7
+    ranks = {rank_of(pid): pid for pid, (parent, _) in process_table().items() if parent == proc.pid}
+    assert sorted(ranks) == [0, 1]
+    os.kill(ranks[0], signal.SIGKILL)  # the rank that logs and writes the checkpoints
+    t0 = time.time()
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-9000:]  # the job finished on its own
+    resumes = [r for r in read_jsonl(out / "log.jsonl") if r.get("event") == "resume"]
+    assert len(resumes) == 1 and resumes[0]["step"] in (8, 12), resumes
+    assert train_losses(out) == train_losses(tmp_path / "straight")  # every step, as if never killed
+    print(f"rank 0 killed after step 9: resumed at step {resumes[0]['step']}, done {time.time() - t0:.1f} s later")
+
+
+def test_train_sh_under_slurm_finds_the_nodes_itself_and_passes_max_restarts(tmp_path, monkeypatch):
+    for key in ("NGPU", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "MAX_RESTARTS", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(key, raising=False)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol_calls"
+    (bin_dir / "scontrol").write_text(  # SLURM's own: the hosts of a node list, one a line
+        f'#!/bin/sh\necho "$@" >> {calls}\n[ "$1 $2" = "show hostnames" ] || exit 1\necho gpu-07\necho gpu-08\n'
+    )
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = dict(SLURM_JOB_ID="4242", SLURM_NNODES="2", SLURM_NODEID="1", SLURM_JOB_NODELIST="gpu-[07-08]")
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", TRAIN_SH_DRY_RUN="1", NGPU="8", **slurm)
+
+    def command(**extra):
+        r = subprocess.run([os.path.join(ROOT, "train.sh"), "--preset", "gpt2-124m"], capture_output=True, text=True,
+                           env=dict(env, **extra))  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    rdzv = "--rdzv-backend c10d --rdzv-endpoint gpu-07:29500 --rdzv-id 4242"
+    assert command() == f"torchrun --nnodes 2 --nproc_per_node 8 {rdzv} train.py --preset gpt2-124m"
+    assert calls.read_text() == "show hostnames gpu-[07-08]\n"
+    assert command(MAX_RESTARTS="3") == f"torchrun --nnodes 2 --nproc_per_node 8 {rdzv} --max-restarts 3 train.py " \
+        "--preset gpt2-124m"  # fmt: skip
+    assert "--rdzv-endpoint 10.1.1.1:29400" in command(MASTER_ADDR="10.1.1.1", MASTER_PORT="29400")  # ours win
+    one = command(SLURM_NNODES="1", SLURM_NODEID="0")
+    assert one == "torchrun --standalone --nproc_per_node 8 train.py --preset gpt2-124m"  # one node: no rendezvous
+    r = subprocess.run([os.path.join(ROOT, "train.sh")], capture_output=True, text=True,
+                       env=dict(env, PATH=os.environ["PATH"]))  # fmt: skip
+    assert r.returncode == 2 and "error: " in r.stderr.strip().splitlines()[-1], r.stderr
