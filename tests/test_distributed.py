@@ -192,6 +192,24 @@ def test_two_nodes_without_a_shared_filesystem_evaluate_hellaswag_and_resume(dat
     assert train_losses(nodes[0] / "out") == straight  # steps 4-7 again, the same losses
 
 
+def test_two_nodes_through_train_sh_meet_by_c10d_rendezvous_and_log_the_losses_of_one_process(data_dir, tmp_path):
+    nodes = node_copies(tmp_path, data_dir)
+    args = tiny("data", "out", "--max-steps", 6)
+    env = dict(os.environ, NGPU="1", NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    procs = [subprocess.Popen([node / "train.sh", *map(str, args)], cwd=node, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env) for node in nodes]  # fmt: skip
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    dry = subprocess.run([nodes[0] / "train.sh"], capture_output=True, text=True, env=dict(env, TRAIN_SH_DRY_RUN="1"))
+    assert f"--rdzv-backend c10d --rdzv-endpoint 127.0.0.1:{env['MASTER_PORT']}" in dry.stdout
+    logged = [node for node in nodes if (node / "out" / "log.jsonl").exists()]
+    assert len(logged) == 1  # rank 0's node alone holds the log and the checkpoints
+    one = tmp_path / "one"
+    assert run_script("train.py", *tiny(data_dir, one, "--max-steps", 6)).returncode == 0
+    two, alone = train_losses(logged[0] / "out"), train_losses(one)
+    assert sorted(two) == sorted(alone) == list(range(6)) and all(abs(two[s] - alone[s]) < 1e-4 for s in alone)
+
+
 def test_an_error_on_one_node_stops_every_node_at_once(data_dir, tmp_path):
     nodes = node_copies(tmp_path, data_dir, with_data=(True, False))  # node 1 was never given the shards
     codes, seconds, output = run_two_nodes(nodes, *tiny("data", "out"))
