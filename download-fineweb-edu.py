@@ -289,6 +289,13 @@ def input_fingerprint(files):
     return [dict(file=f, size=os.path.getsize(f), mtime_ns=os.stat(f).st_mtime_ns) for f in files if not is_remote(f)]
 
 
+def shorten(value, items=3):
+    """A setting as an error shows it: a list of many files by its first few and how many more."""
+    if isinstance(value, list) and len(value) > items:
+        return f"[{', '.join(map(repr, value[:items]))}, ... {len(value) - items} more]"
+    return repr(value)
+
+
 def load_manifest(out_dir, source):
     """The manifest of an earlier run with the same settings, or None; refuses an out dir made otherwise."""
     path = os.path.join(out_dir, MANIFEST)
@@ -296,8 +303,9 @@ def load_manifest(out_dir, source):
         manifest = read_manifest(out_dir)
         for key in sorted(set(source) | set(manifest["source"])):
             if manifest["source"].get(key) != source.get(key):
+                was, now = (shorten(v) for v in (manifest["source"].get(key), source.get(key)))
                 raise UserError(
-                    f"{out_dir} holds shards made with {key}={manifest['source'].get(key)!r}, not {source.get(key)!r}: "
+                    f"{out_dir} holds shards made with {key}={was}, not {now}: "
                     "use another --out-dir, or delete this one to start over"
                 )
         for shard in manifest["shards"] if not manifest["complete"] else []:

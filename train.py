@@ -5,6 +5,7 @@ Pretrain GPT-2 on token shards, on one device or many (DDP under torchrun).
     ./train.sh                                  # the reference run: GPT-2 124M on 5B tokens of FineWeb-Edu
     torchrun --standalone --nproc_per_node 8 train.py --preset gpt2-124m --out-dir log
     ./train.sh --resume --out-dir log           # continue a run from its newest checkpoint (on a CPU, bit for bit)
+    ./train.sh --init-from gpt2 --data-dir data/mine --max-lr 3e-5 --max-steps 200   # fine-tune GPT-2's weights
 
 Each optimizer step sees --total-batch tokens: --micro-batch x --seq-len per process per micro-step, accumulated over
 total / (micro x seq x world size) micro-steps, so adding GPUs changes speed, not results. Everything a run logs goes

@@ -231,6 +231,13 @@ def test_refuses_other_settings_on_a_used_out_dir(corpus, reference, tmp_path):
     ]
     r = run("--data-files", corpus[0], "--out-dir", out, "--shard-size", 3000)  # same settings: nothing to do
     assert r.returncode == 0 and "is complete" in r.stdout
+    many = [tmp_path / f"doc{i:03d}.txt" for i in range(300)]
+    for path in many:
+        path.write_text("a document of its own\n")
+    r = run("--data-files", *many, "--out-dir", out, "--shard-size", 3000)  # a long list is named by its first few
+    line = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and f"not ['{many[0]}', '{many[1]}', '{many[2]}', ... 297 more]: use another" in line
+    assert len(line) < 600
 
 
 def test_verify_catches_a_flipped_byte_and_a_truncated_shard(reference, tmp_path):
