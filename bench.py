@@ -6,6 +6,7 @@ Benchmarks that compare variants side by side in one run and print the ratios.
     python bench.py tokenize            # download-fineweb-edu.py vs the common nanoGPT-style tokenizing loop
     python bench.py download            # download-fineweb-edu.py over a model of the hub on a WAN vs local files
     python bench.py hellaswag           # hellaswag.py vs a plain one-example-per-forward scorer, small model on CPU
+    python bench.py sample              # sample.py's compiled one-token step vs uncompiled, the KV cache vs none
 """
 
 import argparse
@@ -547,31 +548,64 @@ def check_hellaswag(device, quick, tmp):
     return dict(ok=ok, seconds=seconds, examples_per_sec=n / seconds, target_seconds=30, **results)
 
 
+def sampling_speeds(model, device, new_tokens, samples=2):
+    """sample.py's generation at batch 1 three ways, each after its own warm-up (which compiles): tokens/s of the
+    compiled step on the KV cache, the same step uncompiled, and no cache (each token re-reads the whole context)."""
+    enc = get_tokenizer()
+    idx = torch.tensor([enc.encode(sample.Config.prompt)], device=device)
+
+    def draw(n, **kw):
+        generator = torch.Generator(device).manual_seed(0)
+        for new in model.generate_stream(idx, n, top_k=50, generator=generator, **kw):
+            int(new[0, 0])  # each token to the host, as sample.py streams it
+
+    def tokens_per_sec(**kw):
+        draw(8, **kw)  # warm-up: compiles the step, and records its CUDA graph
+        t0 = time.perf_counter()
+        for _ in range(samples):
+            draw(new_tokens, **kw)
+        return samples * new_tokens / (time.perf_counter() - t0)
+
+    speeds = dict(
+        compiled_tokens_per_sec=tokens_per_sec(compile=True),
+        tokens_per_sec=tokens_per_sec(compile=False),
+        uncached_tokens_per_sec=tokens_per_sec(use_cache=False),
+    )
+    greedy = [model.generate(idx, 32, temperature=0, **kw)[0].tolist() for kw in (dict(compile=True), {})]
+    return dict(
+        **speeds,
+        compile_speedup=speeds["compiled_tokens_per_sec"] / speeds["tokens_per_sec"],
+        cache_speedup=speeds["tokens_per_sec"] / speeds["uncached_tokens_per_sec"],
+        greedy_equal=greedy[0] == greedy[1],
+    )
+
+
 def check_sampling(device, quick):
-    """sample.py's generation (KV cache) with GPT-2 124M: tokens/s, beside generation without the cache."""
+    """sample.py's generation with GPT-2 124M at batch 1: compiled against uncompiled, cache against no cache."""
     shape = dict(n_layer=2, n_head=2, n_embd=64) if quick else dict(n_layer=12, n_head=12, n_embd=768)
     torch.manual_seed(0)
     with torch.device(device):
         model = GPT(GPTConfig(**shape)).eval()
-    args = sample.Config(num_samples=4, max_new_tokens=32 if quick else 256, top_k=50)
-    enc = get_tokenizer()
-    sample.generate_samples(model, enc, sample.Config(num_samples=1, max_new_tokens=8), device)  # warm-up
-    t0 = time.perf_counter()
-    samples = sample.generate_samples(model, enc, args, device)
-    cached = time.perf_counter() - t0
-    idx = torch.tensor([enc.encode(args.prompt)], device=device)
-    t0 = time.perf_counter()
-    for new in model.generate_stream(idx, args.max_new_tokens, top_k=50, use_cache=False):
-        int(new[0, 0])  # each token to the host, as sample.py streams it
-    uncached = (time.perf_counter() - t0) * args.num_samples  # one sample without the cache, scaled to all
-    n_tokens = args.num_samples * args.max_new_tokens
-    return dict(
-        ok=all(len(s["tokens"]) == args.max_new_tokens for s in samples),
-        tokens=n_tokens,
-        tokens_per_sec=n_tokens / cached,
-        uncached_tokens_per_sec=n_tokens / uncached,
-        cache_speedup=uncached / cached,
+    speeds = sampling_speeds(model, device, 32 if quick else 256)
+    return dict(ok=speeds["greedy_equal"], target_compiled_tokens_per_sec=1000, **speeds)
+
+
+def bench_sample(args):
+    device = pick_device(args.device)
+    torch.manual_seed(0)
+    model = load_model(args.model, device) if args.model else GPT(GPTConfig()).to(device).eval()
+    what = args.model or "GPT-2 124M (random weights)"
+    s = sampling_speeds(model, device, args.new_tokens)
+    print(f"{what}, batch 1, {args.new_tokens} new tokens x 2 samples, top-k 50, on {device_name(device)}")
+    print(f"{'compiled step, KV cache':>26} {s['compiled_tokens_per_sec']:10.1f} tokens/s")
+    print(f"{'uncompiled, KV cache':>26} {s['tokens_per_sec']:10.1f} tokens/s")
+    print(f"{'uncompiled, no cache':>26} {s['uncached_tokens_per_sec']:10.1f} tokens/s")
+    print(
+        f"compile speedup: {s['compile_speedup']:.2f}x; cache speedup: {s['cache_speedup']:.2f}x; "
+        f"greedy tokens compiled = uncompiled: {s['greedy_equal']}"
     )
+    if not s["greedy_equal"]:
+        raise UserError("greedy decoding differs between the compiled and the uncompiled step")
 
 
 def check_larger_presets(device, quick, data_dir):
@@ -708,6 +742,10 @@ def main():
     for name, default in dict(examples=300, n_layer=4, n_head=4, n_embd=128, batch_size=32, repeats=2).items():
         h.add_argument("--" + name.replace("_", "-"), type=parse_count, default=default)
     h.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    s = sub.add_parser("sample", help="sample.py's compiled step against uncompiled, KV cache against none")
+    s.add_argument("--model", default="", help="a model for load_model (default: GPT-2 124M with random weights)")
+    s.add_argument("--new-tokens", type=parse_count, default=256, help="tokens per sample")
+    s.add_argument("--device", default="auto", help="cuda, cpu, mps or auto")
     g = sub.add_parser("gpu", help="the GPU path end to end: train step speed, parity, resume, HellaSwag, sampling, "
                        "large presets; writes a JSON report")  # fmt: skip
     g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
@@ -717,7 +755,7 @@ def main():
     g.add_argument("--work-dir", default="", help="keep the runs' logs, checkpoints and data here (default: temporary)")
     args = p.parse_args()
     counts = [n for n in ("tokens", "shard_size", "repeats", "examples", "n_layer", "n_head", "n_embd", "batch_size",
-                          "connections") if hasattr(args, n)]  # fmt: skip
+                          "connections", "new_tokens") if hasattr(args, n)]  # fmt: skip
     check_flags(args, "at least 1", lambda v: v >= 1, *counts)
     rates = [n for n in ("rtt_ms", "connection_mb_s", "link_mb_s") if hasattr(args, n)]
     check_flags(args, "more than 0", lambda v: v > 0, *rates)
@@ -725,7 +763,8 @@ def main():
         raise UserError(f"--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}")
     if args.bench == "gpu":
         check_output_path(args.out, "--out")
-    benches = dict(tokenize=bench_tokenize, download=bench_download, hellaswag=bench_hellaswag, gpu=bench_gpu)
+    benches = dict(tokenize=bench_tokenize, download=bench_download, hellaswag=bench_hellaswag, gpu=bench_gpu,
+                   sample=bench_sample)  # fmt: skip
     benches[args.bench](args)
 
 

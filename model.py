@@ -44,23 +44,28 @@ MODEL_SIZES = {
 
 
 class KVCache:
-    """Keys and values of every layer for the tokens seen so far: each new token then costs one position of compute."""
+    """Keys and values of every layer, allocated once for all the positions a generation reaches: n_layer x
+    (B, nh, length, hs), length <= block_size. A new token then costs one position of compute, and a step's tensors
+    have the same shapes at every position: what lets torch.compile capture the one-token step once, as a CUDA graph
+    on a GPU (the way gpt-fast does it)."""
 
-    def __init__(self, config):
-        self.config = config
-        self.k = self.v = None  # (n_layer, B, nh, block_size, hs), allocated on first use with the activations' dtype
-        self.pos = 0  # number of positions already cached
+    def __init__(self, config, batch_size, length, dtype=torch.float32, device="cpu"):
+        shape = (batch_size, config.n_head, length, config.n_embd // config.n_head)
+        # zeros, not empty: the positions not yet written are masked out, but a NaN there would leak through 0 * NaN
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        for t in self.k + self.v:
+            torch._dynamo.mark_static_address(t)  # a CUDA graph may read and write these tensors in place
+        # row p: the positions a token at position p may see, 0 .. p
+        self.causal_mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        self.batch_size, self.length = batch_size, length
 
-    def update(self, layer, k, v):
-        """Store this step's keys/values of one layer; return all of that layer's keys/values so far."""
-        B, nh, T, hs = k.shape
-        if self.k is None:
-            shape = (self.config.n_layer, B, nh, self.config.block_size, hs)
-            self.k = torch.empty(shape, dtype=k.dtype, device=k.device)
-            self.v = torch.empty(shape, dtype=v.dtype, device=v.device)
-        self.k[layer, :, :, self.pos : self.pos + T] = k
-        self.v[layer, :, :, self.pos : self.pos + T] = v
-        return self.k[layer, :, :, : self.pos + T], self.v[layer, :, :, : self.pos + T]
+    def update(self, layer, pos, k, v):
+        """Store one layer's keys/values k, v (B, nh, T, hs) at the positions pos (T,); return all of that layer's
+        keys and values (B, nh, length, hs), the positions after pos still unwritten (and masked out)."""
+        self.k[layer].index_copy_(2, pos, k)
+        self.v[layer].index_copy_(2, pos, v)
+        return self.k[layer], self.v[layer]
 
 
 class CausalSelfAttention(nn.Module):
@@ -74,26 +79,19 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
 
-    def forward(self, x, kv_cache=None, layer=0):
+    def forward(self, x, kv_cache=None, layer=0, pos=None):
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if kv_cache is None or kv_cache.pos == 0:
-            if kv_cache is not None:
-                kv_cache.update(layer, k, v)
+        if kv_cache is None:
             # flash attention on CUDA: the (T, T) attention matrix is never materialised
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif T == 1:  # one new token, the common case when sampling: it may see every cached key, so no mask
-            k, v = kv_cache.update(layer, k, v)  # (B, nh, pos + 1, hs)
-            y = F.scaled_dot_product_attention(q, k, v)
         else:
-            pos = kv_cache.pos
-            k, v = kv_cache.update(layer, k, v)  # (B, nh, pos + T, hs)
-            # query i sits at position pos + i and may see keys 0 .. pos + i
-            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            # sampling: these tokens' keys/values join the cache, and the token at position p sees keys 0 .. p
+            k, v = kv_cache.update(layer, pos, k, v)  # (B, nh, length, hs)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.causal_mask[pos])  # mask (T, length)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.c_proj(y)
 
@@ -118,9 +116,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None, layer=0):
+    def forward(self, x, kv_cache=None, layer=0, pos=None):
         # pre-LayerNorm: the residual stream itself is never normalised, so gradients flow straight through
-        x = x + self.attn(self.ln_1(x), kv_cache, layer)
+        x = x + self.attn(self.ln_1(x), kv_cache, layer, pos)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -163,23 +161,20 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def hidden_states(self, idx, kv_cache=None):
-        """Everything but the head: the final LayerNorm's output (B, T, n_embd) for the tokens idx (B, T)."""
+    def hidden_states(self, idx, kv_cache=None, pos=None):
+        """Everything but the head: the final LayerNorm's output (B, T, n_embd) for the tokens idx (B, T) at the
+        positions pos (T,), 0 .. T-1 unless given (a step of sampling gives where it continues the cache)."""
         B, T = idx.size()
-        start = kv_cache.pos if kv_cache is not None else 0
-        assert start + T <= self.config.block_size, (
-            f"sequence of {start + T} tokens > block_size {self.config.block_size}"
-        )
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
+        if pos is None:
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, n_embd)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, layer)
-        if kv_cache is not None:
-            kv_cache.pos += T
+            x = block(x, kv_cache, layer, pos)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, kv_cache=None):
-        logits = self.lm_head(self.hidden_states(idx, kv_cache))  # (B, T, vocab_size)
+    def forward(self, idx, targets=None, kv_cache=None, pos=None):
+        logits = self.lm_head(self.hidden_states(idx, kv_cache, pos))  # (B, T, vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
@@ -317,24 +312,59 @@ class GPT(nn.Module):
     # ----------------------------------------------------------------------------------------------------------------
     # sampling
 
-    @torch.inference_mode()
+    def decode_step(self, idx, pos, kv_cache):
+        """The next token's logits (B, vocab_size) after the tokens idx (B, 1) at position pos (1,), which join
+        kv_cache. Every shape is the same at every position, so this compiles once for a whole sample."""
+        return self(idx, kv_cache=kv_cache, pos=pos)[0][:, -1, :]
+
+    def compiled_decoder(self, batch_size, length):
+        """decode_step compiled, and the one KVCache it always runs on: a CUDA graph replays the same tensors. Kept
+        on the model for the next samples (a model that only samples: a training run never calls this)."""
+        weight = self.lm_head.weight
+        cache = getattr(self, "_decoder", (None, None))[1]
+        if cache is None or (cache.batch_size, cache.length, cache.k[0].device) != (batch_size, length, weight.device):
+            mode = "reduce-overhead" if weight.is_cuda else "default"  # reduce-overhead: CUDA graphs
+            step = torch.compile(self.decode_step, mode=mode, fullgraph=True)
+            self._decoder = step, KVCache(self.config, batch_size, length, weight.dtype, weight.device)
+        return self._decoder
+
+    @torch.no_grad()  # not inference_mode: the compiled step keeps its cache, which later calls write again
     def generate_stream(
-        self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, use_cache=True
+        self,
+        idx,
+        max_new_tokens,
+        temperature=1.0,
+        top_k=None,
+        top_p=None,
+        generator=None,
+        use_cache=True,
+        compile=False,
     ):
         """Yield max_new_tokens new tokens, one (B, 1) tensor at a time, continuing the prompts idx (B, T).
-        With the cache the prompt is read once, then each step processes one token. When the context is full the
-        window slides, every position moves, and the cached keys are stale: each step then re-reads the window."""
-        kv_cache = KVCache(self.config) if use_cache else None
-        context = idx
-        new = None
+        With the cache the prompt is read once, then each step processes one token; compile=True runs that step
+        compiled (the prompt itself is read uncompiled: its length varies). When the context is full the window
+        slides, every position moves, and the cached keys are stale: each step then re-reads the window."""
+        (B, T), block_size = idx.size(), self.config.block_size
+        length = min(block_size, T + max_new_tokens)  # the positions this generation reaches
+        if compile:
+            decode_step, kv_cache = self.compiled_decoder(B, length)
+        else:
+            decode_step = self.decode_step
+            kv_cache = KVCache(self.config, B, length, self.lm_head.weight.dtype, idx.device) if use_cache else None
+        context, new = idx, None
+        cached = 0  # positions in the cache, and the same number on the device, as the compiled step's input:
+        pos = torch.zeros(1, dtype=torch.long, device=idx.device)  # where the next token goes
         for _ in range(max_new_tokens):
-            if kv_cache is not None and new is not None and kv_cache.pos < self.config.block_size:
-                logits, _ = self(new, kv_cache=kv_cache)  # (B, 1, vocab_size)
+            if kv_cache is not None and new is not None and cached < block_size:
+                logits = decode_step(new, pos, kv_cache)  # (B, vocab_size)
+                cached += 1
+                pos += 1
             else:
-                if kv_cache is not None:
-                    kv_cache.pos = 0
-                logits, _ = self(context[:, -self.config.block_size :], kv_cache=kv_cache)
-            new = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+                window = context[:, -block_size:]
+                logits = self(window, kv_cache=kv_cache)[0][:, -1, :]  # (B, vocab_size)
+                cached = window.size(1)
+                pos.fill_(cached)
+            new = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B, 1)
             context = torch.cat((context, new), dim=1)
             yield new
 

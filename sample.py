@@ -3,9 +3,12 @@ Sample text from a GPT-2: one of our checkpoints, a Hugging Face name or a local
 
     python sample.py --model gpt2 --prompt "Hello, I'm a language model," --num-samples 3
     python sample.py --model log/ --top-k 1 --max-new-tokens 100        # greedy decoding from our newest checkpoint
+    python sample.py --model gpt2 --no-compile                          # eager, when compiling is not worth it
 
 Text is streamed to the console as it is generated. Sample i is drawn with its own generator seeded from
 (--seed, i), so a sample does not depend on how many others are drawn and the same seed gives the same samples.
+Each new token is one step of the model over one position, reading the others from a KV cache of fixed shape; on a
+GPU that step is compiled into a CUDA graph (--compile), so a token costs one graph launch, not hundreds of kernels.
 """
 
 import sys
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from checkpoint import check_output_path, load_model, pick_device
-from model import exact_fp32_matmul
+from model import exact_fp32_matmul, is_cuda
 from utils import (
     EOT,
     UserError,
@@ -39,6 +42,7 @@ class Config:
     device: str = "auto"  # cuda, cpu, mps or auto
     out: str = ""  # write the samples as a JSON list here
     stop_at_eot: bool = False  # end a sample at <|endoftext|>
+    compile: bool = None  # torch.compile the one-token step, as CUDA graphs on a GPU (default: on for CUDA only)
 
 
 class StreamPrinter:
@@ -70,6 +74,7 @@ def generate_samples(model, enc, args, device, stream=None):
         )
         prompt_tokens = prompt_tokens[-model.config.block_size :]
     idx = torch.tensor([prompt_tokens], dtype=torch.long, device=device)  # (1, T)
+    compile_step = args.compile if args.compile is not None else is_cuda(device)
     samples = []
     for i in range(args.num_samples):
         generator = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + i)
@@ -84,6 +89,7 @@ def generate_samples(model, enc, args, device, stream=None):
             top_k=args.top_k or None,
             top_p=args.top_p,
             generator=generator,
+            compile=compile_step,
         ):
             token = int(new[0, 0])
             if args.stop_at_eot and token == EOT:
@@ -99,7 +105,7 @@ def generate_samples(model, enc, args, device, stream=None):
 
 def texts(model, prompt, num_samples, max_new_tokens, device):
     """A training run's progress samples (top-k 50), drawn exactly as this script draws them."""
-    args = Config(prompt=prompt, num_samples=num_samples, max_new_tokens=max_new_tokens, top_k=50)
+    args = Config(prompt=prompt, num_samples=num_samples, max_new_tokens=max_new_tokens, top_k=50, compile=False)
     return [s["text"] for s in generate_samples(model, get_tokenizer(), args, device)]
 
 

@@ -40,6 +40,30 @@ def test_bench_gpu_quick_on_the_cpu_passes_every_check_and_writes_the_report_wit
     assert all(op["calls"] >= 1 and op["self_ms_per_step"] > 0 for op in profile["top"])
     assert "where a step's" in r.stdout and "the top 10:" in r.stdout
     assert len(reference["variants"]) == 3 and "profile" not in reference["variants"][0]
+    sampling = report["checks"][5]  # the compiled step decodes greedily as the eager one does
+    assert sampling["greedy_equal"] and min(sampling[k] for k in SAMPLING_RATES) > 0
+
+
+SAMPLING_RATES = ("compiled_tokens_per_sec", "tokens_per_sec", "uncached_tokens_per_sec")
+
+
+def test_bench_sample_prints_compiled_uncompiled_and_uncached_side_by_side(tiny_checkpoint):
+    r = run_script("bench.py", "sample", "--model", tiny_checkpoint(), "--new-tokens", 16, "--device", "cpu")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rates = {
+        line.rsplit(None, 2)[0].strip(): float(line.split()[-2])
+        for line in r.stdout.splitlines()
+        if line.endswith(" tokens/s")
+    }
+    assert set(rates) == {"compiled step, KV cache", "uncompiled, KV cache", "uncompiled, no cache"}, r.stdout
+    assert all(rate > 0 for rate in rates.values())
+    ratios = next(line for line in r.stdout.splitlines() if line.startswith("compile speedup: "))
+    compile_speedup = float(ratios.split("compile speedup: ")[1].split("x")[0])
+    cache_speedup = float(ratios.split("cache speedup: ")[1].split("x")[0])
+    # the ratios are of the rates in the table above them, measured in the same run
+    assert abs(compile_speedup - rates["compiled step, KV cache"] / rates["uncompiled, KV cache"]) < 0.01
+    assert abs(cache_speedup - rates["uncompiled, KV cache"] / rates["uncompiled, no cache"]) < 0.01
+    assert ratios.endswith("greedy tokens compiled = uncompiled: True")
 
 
 def test_bench_download_prints_local_and_wan_side_by_side_with_requests_per_row_group():

@@ -157,11 +157,11 @@ def test_cached_logits_equal_full_forward():
     torch.manual_seed(0)
     model = GPT(tiny_config()).eval()
     idx = torch.randint(0, 300, (2, 20))
-    cache = KVCache(model.config)
+    cache = KVCache(model.config, batch_size=2, length=20)
     with torch.no_grad():
         full, _ = model(idx)
-        parts = [model(idx[:, :8], kv_cache=cache)[0], model(idx[:, 8:11], kv_cache=cache)[0]]
-        parts += [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(11, 20)]
+        parts = [model(idx[:, :8], kv_cache=cache)[0], model(idx[:, 8:11], kv_cache=cache, pos=torch.arange(8, 11))[0]]
+        parts += [model.decode_step(idx[:, t : t + 1], torch.tensor([t]), cache)[:, None] for t in range(11, 20)]
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
 
 

@@ -59,9 +59,28 @@ def test_uses_the_kv_cache(tiny_checkpoint, monkeypatch):
     model = load_model(str(tiny_checkpoint()))
     caches = []
     real = model_module.KVCache
-    monkeypatch.setattr(model_module, "KVCache", lambda config: caches.append(real(config)) or caches[-1])
+    monkeypatch.setattr(model_module, "KVCache", lambda *a, **kw: caches.append(real(*a, **kw)) or caches[-1])
     sample.generate_samples(model, get_tokenizer(), args_for(), "cpu")
-    assert len(caches) == 1 and caches[0].pos == len(get_tokenizer().encode("Hello, I'm a language model,")) + 9
+    # one cache, allocated once: the prompt and 9 of the 10 new tokens are in it (the 10th is never fed back)
+    written = caches[0].k[0].abs().sum(dim=(0, 1, 3)) != 0  # (block_size,)
+    n = len(get_tokenizer().encode("Hello, I'm a language model,")) + 9
+    assert len(caches) == 1 and written[:n].all() and not written[n:].any()
+
+
+def test_compiled_step_decodes_like_the_eager_one_and_compiles_once(tiny_checkpoint):
+    import torch._dynamo
+
+    model = load_model(str(tiny_checkpoint(block_size=64)))  # 70 new tokens slide the window past the context
+    eager = sample.generate_samples(model, get_tokenizer(), args_for(top_k=1, max_new_tokens=70), "cpu")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = sample.generate_samples(
+        model, get_tokenizer(), args_for(top_k=1, max_new_tokens=70, num_samples=2, compile=True), "cpu"
+    )
+    assert compiled[0]["tokens"] == compiled[1]["tokens"] == eager[0]["tokens"]
+    # the step's shapes are the same at every position: one graph for both samples, never a recompile
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert not torch._dynamo.utils.counters["recompiles"]
 
 
 def boost_logits(model, ids):

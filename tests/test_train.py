@@ -341,7 +341,17 @@ def train_sh(env, *args):
 
 
 def test_train_sh_command_lines(fake_nvidia_smi, monkeypatch):
-    for key in ("NGPU", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for key in (
+        "NGPU",
+        "NNODES",
+        "NODE_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "MAX_RESTARTS",
+        "SLURM_JOB_NODELIST",
+        "SLURM_NNODES",
+        "SLURM_JOB_ID",
+    ):
         monkeypatch.delenv(key, raising=False)
     assert train_sh(fake_nvidia_smi(0), "--preset", "quickstart")[1] == "python train.py --preset quickstart"
     assert (
@@ -353,12 +363,14 @@ def test_train_sh_command_lines(fake_nvidia_smi, monkeypatch):
         == "torchrun --standalone --nproc_per_node 8 train.py --out-dir my\\ log"
     )
     env = dict(fake_nvidia_smi(8), NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1", MASTER_PORT="1234")
-    assert (
-        train_sh(env)[1]
-        == "torchrun --nnodes 2 --node_rank 1 --nproc_per_node 8 --master_addr 10.0.0.1 --master_port 1234 train.py"
-    )
-    rc, _, err = train_sh(dict(env, NODE_RANK=""))
-    assert rc != 0 and "set NODE_RANK" in err
+    # several nodes meet through c10d rendezvous at node 0's address, so NODE_RANK may be left out
+    c10d = "torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:1234 --rdzv-id gpt2"
+    assert train_sh(env)[1] == c10d + " train.py"
+    assert train_sh(dict(env, NODE_RANK=""))[1] == c10d + " train.py"
+    rc, _, err = train_sh(dict(env, MASTER_ADDR=""))
+    assert rc != 0 and "set MASTER_ADDR" in err
+    rc, _, err = train_sh(dict(env, NODE_RANK="2"))
+    assert rc != 0 and "NODE_RANK=2 must be below NNODES=2" in err
 
 
 def test_compiled_training_evaluates_samples_and_saves_plain_weights(data_dir, tmp_path):
