@@ -560,7 +560,7 @@ def sampling_speeds(model, device, new_tokens, samples=2):
             int(new[0, 0])  # each token to the host, as sample.py streams it
 
     def tokens_per_sec(**kw):
-        draw(8, **kw)  # warm-up: compiles the step, and records its CUDA graph
+        draw(new_tokens, **kw)  # warm-up at the timed length (the cache's shape): compiles, records the CUDA graph
         t0 = time.perf_counter()
         for _ in range(samples):
             draw(new_tokens, **kw)
