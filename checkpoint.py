@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -416,23 +417,31 @@ def log_run_start(run_log, config, start, start_step, raw_model, setup):
 
 
 class StopSignal:
-    """SIGTERM (how SLURM and Kubernetes stop a job) or Ctrl-C: the run finishes its step, writes a checkpoint and
-    exits; a second signal ends it at once. Caught while in a with block."""
+    """SIGTERM (how SLURM and Kubernetes stop a job) or Ctrl-C: the run stops at the next micro-step, writes a
+    checkpoint and exits. One stop may arrive more than once (SLURM signals every process, and torchrun passes it on
+    too): a signal within REPEAT_S of the first is that one again; a later one ends the run at once. Caught in a with
+    block."""
+
+    REPEAT_S = 2.0
 
     def __init__(self):
-        self.signum, self.previous = None, {}
+        self.signum, self.since, self.previous = None, None, {}
 
     def handle(self, signum, frame):
-        self.signum = signum
-        signal.signal(signum, signal.SIG_DFL)  # the second one is not caught
-        name = signal.Signals(signum).name
-        print(f"{name}: stopping after this step with a checkpoint (send it again to stop at once)", file=sys.stderr)
+        if self.signum is None:
+            self.signum, self.since = signum, time.monotonic()
+            print(f"{signal.Signals(signum).name}: stopping at the next micro-step with a checkpoint (a signal "
+                  f"more than {self.REPEAT_S:.0f} s later stops at once)", file=sys.stderr)  # fmt: skip
+        elif time.monotonic() - self.since > self.REPEAT_S:  # a second stop: at once, as the signal does uncaught
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
     def agreed(self, device):
-        """The signal any rank received (0: none), the same on every rank, so that all stop after the same step."""
+        """The signal any rank received (0: none), the same on every rank, so that all stop at the same point."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.signum or 0  # one process: no collective, no wait for the GPU
         signum = torch.tensor(self.signum or 0, device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
         return int(signum.item())
 
     def __enter__(self):

@@ -143,9 +143,10 @@ def get_lr(step, config):
     return min_lr + coeff * (config.max_lr - min_lr)
 
 
-def train_step(model, optimizer, next_batch, grad_accum_steps, device, lr, grad_clip, ddp_world_size=1):
+def train_step(model, optimizer, next_batch, grad_accum_steps, device, lr, grad_clip, ddp_world_size=1, stop=None):
     """One optimizer step over grad_accum_steps micro-batches. Returns the mean loss over all micro-batches of all
-    ranks and the gradient norm, both as tensors: reading them is the caller's one sync with the GPU per step."""
+    ranks and the gradient norm, both as tensors: reading them is the caller's one sync with the GPU per step.
+    Returns None if stop() (asked before each micro-step) says so: the step is dropped, the weights are unchanged."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=device)
@@ -154,6 +155,9 @@ def train_step(model, optimizer, next_batch, grad_accum_steps, device, lr, grad_
         if is_cuda(device):
             x, y = x.pin_memory(), y.pin_memory()  # page-locked, so the copy is asynchronous: the CPU runs ahead
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if stop is not None and stop():  # a stop signal: a step of many micro-steps may outlast the grace it has
+            optimizer.zero_grad(set_to_none=True)
+            return None
         if ddp_world_size > 1:
             # DDP all-reduces the gradients in every backward; with accumulation only the last micro-step needs it,
             # the others would send every gradient over the network for nothing. Set before that micro-step's forward.
@@ -279,15 +283,18 @@ def main(argv=None):
             # ---------------------------------------- training section begin
             t0 = time.time()
             lr = get_lr(step, config)
-            loss, norm = train_step(model, optimizer, train_loader.next_batch, grad_accum_steps, device, lr,
-                                    config.grad_clip, ddp_world_size)  # fmt: skip
-            loss, norm = loss.item(), norm.item()  # waits for the GPU: until here the CPU ran ahead of it
-            dt = time.time() - t0
-            # ---------------------------------------- training section end
-            # a NaN stops the run, the checkpoints stay good; loss and norm are the same on every rank (all-reduced)
-            check_loss(loss, norm, step, config.out_dir)
-            if master_process:
-                log_step(run_log, step, loss, lr, norm, dt, config, raw_model, device, ddp_world_size)
+            # what a checkpoint records for a resume to continue from: the state before this step, until it is done
+            resume = dict(step=step, train_loader=train_loader.state_dict(), rng=rng_states(device))
+            result = train_step(model, optimizer, train_loader.next_batch, grad_accum_steps, device, lr,
+                                config.grad_clip, ddp_world_size, stop=lambda: stop.agreed(device) > 0)  # fmt: skip
+            if result is not None:  # None: a stop signal came inside the step, which is dropped (a resume redoes it)
+                loss, norm = (t.item() for t in result)  # waits for the GPU: until here the CPU ran ahead of it
+                dt = time.time() - t0
+                # ---------------------------------------- training section end
+                check_loss(loss, norm, step, config.out_dir)  # a NaN stops the run (on every rank: all-reduced)
+                if master_process:
+                    log_step(run_log, step, loss, lr, norm, dt, config, raw_model, device, ddp_world_size)
+                resume = dict(step=step + 1, train_loader=train_loader.state_dict(), rng=rng_states(device))
 
             # a checkpoint every checkpoint_interval steps, after the last step, and when a stop signal came
             signum = stop.agreed(device)  # the same on every rank (a one-number all-reduce), so all stop together
@@ -297,15 +304,14 @@ def main(argv=None):
                 if master_process:
                     # everything the next step depends on: a resumed run continues exactly where this one stopped
                     state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                                 model_config=asdict(raw_model.config), config=asdict(config), step=step + 1,
-                                 train_loader=train_loader.state_dict(), val_loss=val_loss,
-                                 rng=rng_states(device), wandb_run_id=run_log.wandb_id)  # fmt: skip
+                                 model_config=asdict(raw_model.config), config=asdict(config), val_loss=val_loss,
+                                 wandb_run_id=run_log.wandb_id, **resume)  # fmt: skip
                     write_checkpoint(config.out_dir, state, config.keep_checkpoints, damaged)
             if signum:
                 break
 
     if master_process:
-        log_run_end(run_log, config, raw_model, start, signum, step)
+        log_run_end(run_log, config, raw_model, start, signum, resume["step"] if signum else None)
         run_log.close(128 + signum if signum else 0)
     teardown_distributed()
     if signum:
@@ -383,10 +389,8 @@ def open_loaders(config, ddp_rank, ddp_world_size, master_process):
             f"data directory {config.data_dir} {what}: run download-fineweb-edu.py first (or try --preset quickstart)"
         )
     if master_process and data_manifest(config.data_dir).get("complete") is False:  # the shards so far are usable
-        print(
-            f"warning: {config.data_dir}/manifest.json says the download is not complete: "
-            "training on the shards there so far"
-        )
+        print(f"warning: {config.data_dir}/manifest.json says the download is not complete: training on the shards "
+              "there so far")  # fmt: skip
     shape = (config.micro_batch, config.seq_len, ddp_rank, ddp_world_size)
     train_loader = ShardedDataLoader(config.data_dir, "train", *shape, shuffle=config.shuffle, seed=config.seed)
     val_loader = ShardedDataLoader(config.data_dir, "val", *shape)
@@ -412,12 +416,13 @@ def log_step(run_log, step, loss, lr, norm, dt, config, raw_model, device, ddp_w
     )
 
 
-def log_run_end(run_log, config, raw_model, start, signum=0, step=None):
-    """Stopped by a signal (resume to go on), or finished: the export, and where the results are."""
+def log_run_end(run_log, config, raw_model, start, signum=0, resume_step=None):
+    """Stopped by a signal (resume_step: where a resume starts), or finished: the export, and where the results are."""
     if signum:
         name = signal.Signals(signum).name
-        run_log.write(dict(event="stopped", step=step + 1, signal=name))
-        print(f"stopped by {name} after step {step}: continue with --resume --out-dir {config.out_dir}")
+        run_log.write(dict(event="stopped", step=resume_step, signal=name))
+        done = f"after step {resume_step - 1}" if resume_step else "before the first step"
+        print(f"stopped by {name} {done}: continue with --resume --out-dir {config.out_dir}")
         return
     if start.finished:
         print(f"{config.out_dir} is finished: all {config.max_steps} steps are done (a larger --max-steps goes on)")

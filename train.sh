@@ -11,7 +11,7 @@
 # Several nodes meet through torchrun's c10d rendezvous at MASTER_ADDR:MASTER_PORT, so a node started again rejoins;
 # ranks go by host name, so node 0 of SLURM's list (its first host) is rank 0, which writes the checkpoints.
 # TRAIN_SH_DRY_RUN=1 prints the command instead of running it. TORCH_ELASTIC_SHUTDOWN_TIMEOUT (300 s) is the grace
-# torchrun gives the ranks after a SIGTERM: for the step, then the checkpoint.
+# torchrun gives the ranks after a SIGTERM to stop at the next micro-step and write the checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -73,8 +73,9 @@ else
 fi
 
 # torchrun passes SIGTERM (a preemption) on to the ranks and kills them when its grace period is over, 30 s unless
-# told otherwise: too short for a step plus the checkpoint of a large model. Ask the scheduler to signal earlier than
-# this (SLURM: sbatch --signal=TERM@600; Kubernetes: terminationGracePeriodSeconds: 600).
+# told otherwise. The ranks stop at the next micro-step and write a checkpoint, which for a large model takes a while.
+# Ask the scheduler to signal earlier than this (SLURM: sbatch --signal=TERM@600; Kubernetes:
+# terminationGracePeriodSeconds: 600).
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}"
 
 if [[ -n "${TRAIN_SH_DRY_RUN:-}" ]]; then
@@ -82,4 +83,23 @@ if [[ -n "${TRAIN_SH_DRY_RUN:-}" ]]; then
     echo
     exit 0
 fi
-exec "${cmd[@]}"
+[[ "${cmd[0]}" == torchrun ]] || exec "${cmd[@]}"
+
+# torchrun runs under this script, not in its place, so that a signal to train.sh alone (Kubernetes sends SIGTERM to
+# the container's first process) reaches torchrun, and so that train.sh exits as train.py does after a signal,
+# 128 + its number (143 for SIGTERM); torchrun itself exits 1. Where a signal reaches every process (SLURM, Ctrl-C),
+# torchrun and the ranks get it twice and take it as one. If train.sh is killed (kill -9), torchrun gets SIGTERM
+# (setpriv's parent-death signal) and stops the ranks the same way.
+command -v setpriv > /dev/null && cmd=(setpriv --pdeathsig TERM -- "${cmd[@]}")
+"${cmd[@]}" &
+launcher=$!
+caught=""
+for sig in TERM INT HUP; do
+    trap "caught=$sig; kill -s $sig $launcher 2> /dev/null || true" "$sig"
+done
+while true; do
+    wait "$launcher" && status=0 || status=$?
+    kill -0 "$launcher" 2> /dev/null || break  # gone: wait returned its status, not a signal's interruption
+done
+[[ -z "$caught" ]] || exit $((128 + $(kill -l "$caught")))
+exit "$status"

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from checkpoint import check_weights, read_log
+from checkpoint import check_weights, read_jsonl, read_log
 from conftest import ROOT, make_docs, one_thread_env, run_script, tiny, torchrun, train_losses
 from utils import UserError
 
@@ -37,12 +37,12 @@ def start_train(*args, env=None, **kw):
     )
 
 
-def wait_for_step(out_dir, step, proc, timeout=120):
+def wait_for_step(out_dir, step, proc, timeout=120, poll=0.02):
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if (out_dir / "log.jsonl").exists() and step in train_losses(out_dir):
             return
-        time.sleep(0.02)
+        time.sleep(poll)
     raise AssertionError(f"step {step} was not reached: {proc.poll()}")
 
 
@@ -162,56 +162,48 @@ def test_resume_names_the_settings_it_cannot_continue_under_and_logs_the_ones_it
     assert resume["changes"] == {"max_steps": [5, 10], "max_lr": [0.001, 0.0003]}
 
 
-def test_sigterm_finishes_the_step_writes_a_checkpoint_and_resume_continues_exactly(data_dir, tmp_path):
-    args = ["--max-steps", 40, "--checkpoint-interval", 0, "--eval-interval", 0, "--sample-interval", 0]
+def test_sigterm_inside_a_step_drops_it_writes_a_checkpoint_and_resume_does_it_again_exactly(data_dir, tmp_path):
+    """A step of 32 micro-steps: the run stops at the next micro-step, not at the end of the step. The signal comes
+    twice, as under SLURM and torchrun, and is one stop."""
+    args = ["--max-steps", 12, "--total-batch", 4096, "--checkpoint-interval", 0, "--eval-interval", 0,
+            "--sample-interval", 0]  # fmt: skip
     assert run_script("train.py", *tiny(data_dir, tmp_path / "straight", *args), env=one_thread_env()).returncode == 0
     out = tmp_path / "preempted"
     proc = start_train(*tiny(data_dir, out, *args), env=one_thread_env())
-    wait_for_step(out, 5, proc)
+    wait_for_step(out, 5, proc, poll=0.002)
+    proc.send_signal(signal.SIGTERM)  # in step 6 (or just before it): a stop at its end would log step 6
+    time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
-    assert "SIGTERM: stopping after this step with a checkpoint" in stderr
-    last = max(train_losses(out))
-    assert f"stopped by SIGTERM after step {last}: continue with --resume" in stdout
-    assert [p.name for p in out.glob("ckpt_*")] == [f"ckpt_{last + 1:06d}.pt"]
-    assert last < 39
+    assert "SIGTERM: stopping at the next micro-step with a checkpoint" in stderr
+    assert max(train_losses(out)) == 5
+    assert "stopped by SIGTERM after step 5: continue with --resume" in stdout
+    assert [p.name for p in out.glob("ckpt_*")] == ["ckpt_000006.pt"]
+    assert read_jsonl(out / "log.jsonl")[-1] == dict(event="stopped", step=6, signal="SIGTERM")
     r = run_script("train.py", *tiny(data_dir, out, *args, "--resume"), env=one_thread_env())
     assert r.returncode == 0, r.stderr
     assert train_losses(out) == train_losses(tmp_path / "straight")  # every step, bit for bit
 
 
-def test_a_second_sigterm_stops_at_once(data_dir, tmp_path):
-    out = tmp_path / "run"  # a model large enough that a step takes a while on a CPU
-    proc = start_train(
-        *tiny(
-            data_dir,
-            out,
-            "--n-layer",
-            4,
-            "--n-embd",
-            256,
-            "--n-head",
-            4,
-            "--seq-len",
-            128,
-            "--total-batch",
-            8192,
-            "--micro-batch",
-            8,
-            "--max-steps",
-            1000,
-            "--eval-interval",
-            0,
-        )
-    )
-    wait_for_step(out, 0, proc)
-    proc.send_signal(signal.SIGTERM)
-    assert "stopping after this step" in proc.stderr.readline()
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGTERM  # ended by the signal itself, no checkpoint attempted
-    assert not list(out.glob("ckpt_*"))
+def test_a_repeated_stop_signal_is_the_same_stop_and_a_later_one_ends_the_run_at_once():
+    code = f"""if True:
+        import os, signal, sys, time
+        sys.path.insert(0, {ROOT!r})
+        from checkpoint import StopSignal
+        with StopSignal() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)  # SLURM's
+            time.sleep(0.2)
+            os.kill(os.getpid(), signal.SIGINT)  # torchrun passing on another
+            time.sleep(0.2)
+            print("stopping", stop.signum, flush=True)
+            time.sleep(StopSignal.REPEAT_S)
+            os.kill(os.getpid(), signal.SIGINT)  # a person who will not wait
+            time.sleep(1)
+            print("still running")
+    """
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout == f"stopping {int(signal.SIGTERM)}\n" and r.returncode == -signal.SIGINT, (r.stdout, r.stderr)
 
 
 def test_sigterm_under_torchrun_stops_every_rank_after_the_same_step(data_dir, tmp_path):

@@ -1,5 +1,5 @@
-"""train.py under the launchers of GPU boxes and clusters: torchrun killed with kill -9, SIGTERM through torchrun
-with a step longer than its grace, and train.sh's settings for both."""
+"""train.py under the launchers of GPU boxes and clusters: torchrun or train.sh killed with kill -9, SIGTERM to train.sh
+alone (Kubernetes) or to every process (SLURM) with a step longer than the grace, and train.sh's settings."""
 
 import os
 import signal
@@ -38,37 +38,85 @@ def test_ranks_whose_torchrun_is_killed_stop_within_seconds_with_a_checkpoint_an
     assert max(train_losses(out)) > last
 
 
-def start_train_sh(data_dir, out, **env):
+def start_train_sh(data_dir, out, total_batch=8192, **env):
     """train.sh with two ranks under torchrun on the CPU, each step about 3 s (32 micro-steps of accumulation)."""
-    args = tiny(data_dir, out, "--max-steps", 10_000, "--total-batch", 8192, "--checkpoint-interval", 0,
+    args = tiny(data_dir, out, "--max-steps", 10_000, "--total-batch", total_batch, "--checkpoint-interval", 0,
                 "--eval-interval", 0, "--sample-interval", 0)  # fmt: skip
     return subprocess.Popen([os.path.join(ROOT, "train.sh"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=dict(os.environ, NGPU="2", PYTHONUNBUFFERED="1", **env))  # fmt: skip
 
 
-def test_sigterm_through_train_sh_gives_the_ranks_time_for_a_step_longer_than_torchruns_own_grace(data_dir, tmp_path):
-    """With torchrun's own grace (here 1 s) a step longer than it is killed and the checkpoint lost; train.sh gives
-    the ranks 300 s, and they finish the step and write the checkpoint."""
-    for grace, checkpointed in (("1", False), (None, True)):
-        out = tmp_path / f"grace{grace}"
-        proc = start_train_sh(data_dir, out, **({"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": grace} if grace else {}))
-        wait_for_step(out, 1, proc, timeout=300)
-        time.sleep(0.5)  # inside the next step
-        proc.send_signal(signal.SIGTERM)  # to torchrun: train.sh execs it
-        stdout, stderr = proc.communicate(timeout=300)
-        last = max(train_losses(out))
-        assert bool(list(out.glob("ckpt_*.pt"))) == checkpointed, (grace, stdout[-2000:], stderr[-3000:])
-        if checkpointed:
-            assert [p.name for p in out.glob("ckpt_*")] == [f"ckpt_{last + 1:06d}.pt"]
-            assert f"stopped by SIGTERM after step {last}" in stdout
-            assert proc.returncode != 0  # torchrun's own status after a signal (1), whatever its ranks did
-        else:
-            assert "forcefully exiting via 9" in stderr or proc.returncode != 0, stderr[-3000:]
+def descendants(pid):
+    """The processes under pid (children, theirs, ...): train.sh's torchrun and the ranks under it."""
+    table, found = process_table(), [pid]
+    for p in found:
+        found += [child for child, (parent, _) in table.items() if parent == p]
+    return found[1:]
+
+
+def check_stopped(proc, out, signum, since, within):
+    """train.sh exited with the signal's status, after the ranks wrote the checkpoint of the steps they finished."""
+    stdout, stderr = proc.communicate(timeout=300)
+    elapsed, last = time.time() - since, max(train_losses(out))
+    assert proc.returncode == 128 + signum, (proc.returncode, stdout[-2000:], stderr[-3000:])
+    assert "forcefully exiting" not in stderr, stderr[-3000:]  # torchrun's word for ranks it killed at the grace's end
+    assert [p.name for p in out.glob("ckpt_*")] == [f"ckpt_{last + 1:06d}.pt"], stderr[-3000:]
+    assert f"stopped by {signal.Signals(signum).name} after step {last}" in stdout
+    assert read_jsonl(out / "log.jsonl")[-1]["event"] == "stopped"
+    assert elapsed < within, elapsed
+    return elapsed
+
+
+def test_sigterm_to_train_sh_stops_the_ranks_inside_a_step_longer_than_the_grace_and_exits_143(data_dir, tmp_path):
+    """Kubernetes signals only the container's first process. Steps of about 7 s (64 micro-steps), torchrun's grace
+    4 s: the ranks stop at the next micro-step, so they have written the checkpoint and ended before it is over."""
+    out = tmp_path / "run"
+    proc = start_train_sh(data_dir, out, total_batch=16384, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="4")
+    wait_for_step(out, 1, proc, timeout=300)
+    time.sleep(0.5)  # inside the next step
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)  # to train.sh alone
+    elapsed = check_stopped(proc, out, signal.SIGTERM, t0, within=30)
+    print(f"SIGTERM inside a 7 s step with a 4 s grace: checkpoint written, train.sh exited 143 in {elapsed:.1f} s")
+
+
+def test_a_signal_to_every_process_at_once_as_slurm_sends_it_is_one_stop(data_dir, tmp_path):
+    """SLURM signals every process of the job: train.sh, torchrun and the ranks, which then get it again from
+    torchrun. Before the ranks took a repeat as the same stop, the second one killed them without a checkpoint."""
+    out = tmp_path / "run"
+    proc = start_train_sh(data_dir, out, total_batch=16384, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="4")
+    wait_for_step(out, 1, proc, timeout=300)
+    time.sleep(0.5)  # inside the next step
+    t0 = time.time()
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        os.kill(pid, signal.SIGTERM)
+    check_stopped(proc, out, signal.SIGTERM, t0, within=30)
+
+
+def test_train_sh_killed_with_kill_9_stops_torchrun_and_the_ranks_with_a_checkpoint(data_dir, tmp_path):
+    """torchrun runs under train.sh with a parent-death signal: train.sh gone, torchrun stops the ranks gracefully."""
+    out = tmp_path / "run"
+    proc = start_train_sh(data_dir, out, total_batch=2048)
+    wait_for_step(out, 2, proc, timeout=300)
+    below = descendants(proc.pid)
+    assert len(below) == 3  # torchrun and two ranks
+    proc.kill()
+    t0 = time.time()
+    stdout, stderr = proc.communicate(timeout=120)  # until the last of them, which share its pipes, has ended
+    assert not set(below) & set(process_table()), "torchrun or a rank outlived train.sh"
+    last = max(train_losses(out))
+    assert [p.name for p in out.glob("ckpt_*")] == [f"ckpt_{last + 1:06d}.pt"], stderr[-3000:]
+    assert f"stopped by SIGTERM after step {last}" in stdout
+    assert time.time() - t0 < 60
+
+
+def environ_of(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return {k.decode(): v.decode() for k, _, v in (e.partition(b"=") for e in f.read().split(b"\0") if b"=" in e)}
 
 
 def rank_of(pid):
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        return int(dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)[b"RANK"])
+    return int(environ_of(pid)["RANK"])
 
 
 def test_a_rank_killed_under_max_restarts_is_started_again_and_the_job_ends_as_unbroken_runs_do(data_dir, tmp_path):
@@ -84,7 +132,7 @@ def test_a_rank_killed_under_max_restarts_is_started_again_and_the_job_ends_as_u
     proc = subprocess.Popen([train_sh, *args(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)  # fmt: skip
     wait_for_step(out, 9, proc)  # past the checkpoint written after step 7
-    ranks = {rank_of(pid): pid for pid, (parent, _) in process_table().items() if parent == proc.pid}
+    ranks = {rank_of(pid): pid for pid in descendants(proc.pid) if "RANK" in environ_of(pid)}
     assert sorted(ranks) == [0, 1]
     os.kill(ranks[0], signal.SIGKILL)  # the rank that logs and writes the checkpoints
     t0 = time.time()
