@@ -107,7 +107,8 @@ def check_resumable(checkpoint, path):
     if not wrong and type(checkpoint["train_loader"].get("position")) is not int:
         wrong.append("train_loader.position")
     if not wrong:
-        wrong += [f"rng.{k}" for k in ("python", "numpy", "torch") if k not in checkpoint["rng"]]
+        kinds = dict(python=tuple, numpy=(tuple, list), torch=torch.Tensor)
+        wrong += [f"rng.{k}" for k, kind in kinds.items() if not isinstance(checkpoint["rng"].get(k), kind)]
     if wrong:
         raise UserError(f"{path} is damaged: {', '.join(wrong)} missing or of the wrong type")
     check_shapes(checkpoint["model_config"], checkpoint["model"], path)
@@ -120,9 +121,13 @@ def check_shapes(model_config, state, path):
     try:
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in GPT(GPTConfig(**model_config)).state_dict().items()}
+        missing = [k for k in expected if k not in state]
         wrong = next((k for k in expected if k in state and tuple(state[k].shape) != expected[k]), None)
     except (TypeError, ValueError, AttributeError, RuntimeError, AssertionError, ZeroDivisionError) as e:
         raise UserError(f"{path}: its model shape cannot be built ({first_line(e)[:200]})") from e
+    if missing:  # else the model would be built (allocated) before loading the weights found them missing
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UserError(f"{path}: its weights lack {missing[0]}{more} that its model shape has")
     if wrong is not None:
         raise UserError(f"{path}: {wrong} is {tuple(state[wrong].shape)}, its model shape needs {expected[wrong]}")
 
@@ -188,6 +193,9 @@ def take_out_dir(out_dir, script="train.py", leftovers=r"ckpt_\d{6,}\.pt|loss\.p
         raise UserError(
             f"{out_dir} is in use by another {script} ({owner}): wait for it, or choose another --out-dir"
         ) from e
+    except OSError as e:  # a file system without flock (Lustre mounted without -o flock, some NFS setups)
+        raise UserError(f"cannot lock {lock.name}: {e.strerror}; its file system has no flock: choose another "
+                        "--out-dir, or mount it with locking (Lustre: -o flock)") from e  # fmt: skip
     lock.seek(0)
     lock.truncate()
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

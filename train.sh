@@ -90,7 +90,11 @@ fi
 # 128 + its number (143 for SIGTERM); torchrun itself exits 1. Where a signal reaches every process (SLURM, Ctrl-C),
 # torchrun and the ranks get it twice and take it as one. If train.sh is killed (kill -9), torchrun gets SIGTERM
 # (setpriv's parent-death signal) and stops the ranks the same way.
-command -v setpriv > /dev/null && cmd=(setpriv --pdeathsig TERM -- "${cmd[@]}")
+if command -v setpriv > /dev/null; then
+    cmd=(setpriv --pdeathsig TERM -- "${cmd[@]}")
+else
+    echo "note: no setpriv (util-linux) here: if train.sh is killed with kill -9, torchrun and its ranks go on" >&2
+fi
 "${cmd[@]}" &
 launcher=$!
 caught=""

@@ -188,10 +188,8 @@ class ShardedDataLoader:
         self.epoch_tokens = int(self.lengths.sum())
         needed = num_processes * B * T + 1
         if self.epoch_tokens < needed:
-            raise UserError(
-                f"{split} shards in {data_dir} hold {self.epoch_tokens:,} tokens, fewer than one batch needs "
-                f"({num_processes} x {B} x {T} + 1 = {needed:,})"
-            )
+            raise UserError(f"{split} shards in {data_dir} hold {self.epoch_tokens:,} tokens, fewer than one batch "
+                            f"needs ({num_processes} x {B} x {T} + 1 = {needed:,})")  # fmt: skip
         self._order_epoch, self._order, self._ends = None, None, None
         self._doc_starts = {}  # shard -> where its documents start: checked and indexed on first read
         self._doc_order = {}  # (epoch, shard) -> its documents' starts, lengths and ends in the epoch's order
@@ -222,7 +220,7 @@ class ShardedDataLoader:
         """Continue where state was, on the shards it was reading: shards a download added since are not read (the
         stream would not be the one the run began with), and rank 0 says so."""
         had, names = state.get("shards") or [], [os.path.basename(p) for p in self.paths]
-        if names[: (n := len(had))] == had and n < len(names):  # the download went on after this run began
+        if had and names[: (n := len(had))] == had and n < len(names):  # the download went on after this run began
             self.paths, self.shards, self.lengths = self.paths[:n], self.shards[:n], self.lengths[:n]
             self.epoch_tokens, self._order_epoch = int(self.lengths.sum()), None
             if self.process_rank == 0:
@@ -231,10 +229,12 @@ class ShardedDataLoader:
         mine = self.state_dict()
         for key in ("shards", "epoch_tokens", "shuffle", "seed"):
             if state.get(key) != mine[key]:
-                was, now = repr(state.get(key)), repr(mine[key])
-                if key == "shards":  # not every name: there may be thousands
-                    was, now = f"{n} shards", f"{len(names)} shards that do not begin with those"
-                raise UserError(f"the data loader state does not match this data: {key} was {was}, is now {now}")
+                what = f"{key} was {state.get(key)!r}, is now {mine[key]!r}"
+                if key == "shards":  # the first shard that differs, not every name: there may be thousands
+                    i = next((i for i, (a, b) in enumerate(zip(had, names)) if a != b), min(len(had), len(names)))
+                    was, now = (had + ["none"])[i], (names + [f"missing ({len(names)} shards here)"])[i]
+                    what = f"shard {i + 1} of the {len(had)} it read was {was}, here it is {now}"
+                raise UserError(f"the data loader state does not match this data: {what}")
         self.position = int(state["position"])
 
     def _read(self, start, n):

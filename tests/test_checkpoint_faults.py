@@ -12,7 +12,7 @@ import torch
 
 from checkpoint import check_resumable, load_checkpoint, load_model
 from conftest import ROOT, run_script, tiny
-from test_faults import one_line_error
+from test_faults import one_line_error, start_train, wait_for_step
 from utils import UserError
 
 
@@ -44,6 +44,29 @@ def test_a_file_size_limit_during_a_checkpoint_write_is_one_line_and_the_older_o
     assert (out / "ckpt_000010.pt").read_bytes() == older
 
 
+def test_a_stop_signals_checkpoint_that_cannot_be_written_says_so_and_the_older_ones_stay(data_dir, trained, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    older = (trained / "ckpt_000010.pt").read_bytes()
+    (out / "ckpt_000010.pt").write_bytes(older)
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(older) // 2, resource.RLIM_INFINITY))
+
+    args = tiny(data_dir, out, "--max-steps", 10_000, "--checkpoint-interval", 0, "--eval-interval", 0,
+                "--sample-interval", 0, "--resume")  # fmt: skip
+    proc = start_train(*args, preexec_fn=limit_file_size)
+    wait_for_step(out, 11, proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    line = one_line_error(r, "cannot write checkpoint ")
+    assert "a file-size limit (ulimit -f) stop" in line and "the checkpoints before it are intact" in line
+    assert [n for n in os.listdir(out) if n.startswith("ckpt_")] == ["ckpt_000010.pt"]
+    assert (out / "ckpt_000010.pt").read_bytes() == older
+
+
 def crafted(trained, tmp_path, change):
     checkpoint = torch.load(trained / "ckpt_000020.pt", weights_only=True)
     change(checkpoint)
@@ -57,6 +80,7 @@ def crafted(trained, tmp_path, change):
     [
         (lambda c: c["train_loader"].pop("position"), "is damaged: train_loader.position missing or of the wrong type"),
         (lambda c: c["rng"].pop("numpy"), "is damaged: rng.numpy missing or of the wrong type"),
+        (lambda c: c["rng"].update(torch="seed 1"), "is damaged: rng.torch missing or of the wrong type"),
         (lambda c: c.update(step="20"), "is damaged: step missing or of the wrong type"),
         (lambda c: c.update(optimizer=[1, 2]), "is damaged: optimizer missing or of the wrong type"),
         (lambda c: c["model_config"].update(n_head="two"), "its model shape cannot be built"),
@@ -78,6 +102,15 @@ def test_a_checkpoint_claiming_a_huge_model_allocates_nothing_before_it_is_refus
     one_line_error(r, "transformer.wpe.weight is (32, 64), its model shape needs (134217728, 64)")
     with pytest.raises(UserError, match="its model shape needs"):
         load_model(path)
+    # a file of a few KB: no weights at all, and the same claim
+    path = crafted(
+        trained, tmp_path, lambda c: (c.update(model={}, optimizer={}), c["model_config"].update(block_size=2**27))
+    )
+    assert os.path.getsize(path) < 200_000
+    r = run_script("sample.py", "--model", path, "--max-new-tokens", 1)
+    one_line_error(r, f"{path}: its weights lack transformer.wte.weight and ")
+    with pytest.raises(UserError, match="its weights lack transformer.wte.weight and"):
+        check_resumable(load_checkpoint(path), path)
 
 
 def test_resuming_from_a_damaged_checkpoint_skips_it_with_a_warning_naming_what_is_wrong(data_dir, trained, tmp_path):

@@ -163,24 +163,24 @@ def test_resume_names_the_settings_it_cannot_continue_under_and_logs_the_ones_it
 
 
 def test_sigterm_inside_a_step_drops_it_writes_a_checkpoint_and_resume_does_it_again_exactly(data_dir, tmp_path):
-    """A step of 32 micro-steps: the run stops at the next micro-step, not at the end of the step. The signal comes
+    """A step of 16 micro-steps: the run stops at the next micro-step, not at the end of the step. The signal comes
     twice, as under SLURM and torchrun, and is one stop."""
-    args = ["--max-steps", 12, "--total-batch", 4096, "--checkpoint-interval", 0, "--eval-interval", 0,
+    args = ["--max-steps", 8, "--total-batch", 2048, "--checkpoint-interval", 0, "--eval-interval", 0,
             "--sample-interval", 0]  # fmt: skip
     assert run_script("train.py", *tiny(data_dir, tmp_path / "straight", *args), env=one_thread_env()).returncode == 0
     out = tmp_path / "preempted"
     proc = start_train(*tiny(data_dir, out, *args), env=one_thread_env())
-    wait_for_step(out, 5, proc, poll=0.002)
-    proc.send_signal(signal.SIGTERM)  # in step 6 (or just before it): a stop at its end would log step 6
+    wait_for_step(out, 3, proc, poll=0.002)
+    proc.send_signal(signal.SIGTERM)  # in step 4 (or just before it): a stop at its end would log step 4
     time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
     assert "SIGTERM: stopping at the next micro-step with a checkpoint" in stderr
-    assert max(train_losses(out)) == 5
-    assert "stopped by SIGTERM after step 5: continue with --resume" in stdout
-    assert [p.name for p in out.glob("ckpt_*")] == ["ckpt_000006.pt"]
-    assert read_jsonl(out / "log.jsonl")[-1] == dict(event="stopped", step=6, signal="SIGTERM")
+    assert max(train_losses(out)) == 3
+    assert "stopped by SIGTERM after step 3: continue with --resume" in stdout
+    assert [p.name for p in out.glob("ckpt_*")] == ["ckpt_000004.pt"]
+    assert read_jsonl(out / "log.jsonl")[-1] == dict(event="stopped", step=4, signal="SIGTERM")
     r = run_script("train.py", *tiny(data_dir, out, *args, "--resume"), env=one_thread_env())
     assert r.returncode == 0, r.stderr
     assert train_losses(out) == train_losses(tmp_path / "straight")  # every step, bit for bit

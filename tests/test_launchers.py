@@ -67,6 +67,10 @@ def check_stopped(proc, out, signum, since, within):
     return elapsed
 
 
+def slowest_step_s(out):
+    return max(r["dt_ms"] for r in read_jsonl(out / "log.jsonl") if "dt_ms" in r) / 1000
+
+
 def test_sigterm_to_train_sh_stops_the_ranks_inside_a_step_longer_than_the_grace_and_exits_143(data_dir, tmp_path):
     """Kubernetes signals only the container's first process. Steps of about 7 s (64 micro-steps), torchrun's grace
     4 s: the ranks stop at the next micro-step, so they have written the checkpoint and ended before it is over."""
@@ -77,7 +81,9 @@ def test_sigterm_to_train_sh_stops_the_ranks_inside_a_step_longer_than_the_grace
     t0 = time.time()
     proc.send_signal(signal.SIGTERM)  # to train.sh alone
     elapsed = check_stopped(proc, out, signal.SIGTERM, t0, within=30)
-    print(f"SIGTERM inside a 7 s step with a 4 s grace: checkpoint written, train.sh exited 143 in {elapsed:.1f} s")
+    assert slowest_step_s(out) > 4  # the steps are longer than the grace: a stop at the step's end would be killed
+    print(f"SIGTERM inside {slowest_step_s(out):.1f} s steps with a 4 s grace: the checkpoint written, train.sh "
+          f"exited 143 {elapsed:.1f} s later")  # fmt: skip
 
 
 def test_a_signal_to_every_process_at_once_as_slurm_sends_it_is_one_stop(data_dir, tmp_path):
@@ -91,6 +97,7 @@ def test_a_signal_to_every_process_at_once_as_slurm_sends_it_is_one_stop(data_di
     for pid in [proc.pid, *descendants(proc.pid)]:
         os.kill(pid, signal.SIGTERM)
     check_stopped(proc, out, signal.SIGTERM, t0, within=30)
+    assert slowest_step_s(out) > 4
 
 
 def test_train_sh_killed_with_kill_9_stops_torchrun_and_the_ranks_with_a_checkpoint(data_dir, tmp_path):
