@@ -283,8 +283,8 @@ def main(argv=None):
             # ---------------------------------------- training section begin
             t0 = time.time()
             lr = get_lr(step, config)
-            # what a checkpoint records for a resume to continue from: the state before this step, until it is done
-            resume = dict(step=step, train_loader=train_loader.state_dict(), rng=rng_states(device))
+            # what a checkpoint records if the step is dropped: the state before it, for a resume to do it again
+            before_step = dict(step=step, train_loader=train_loader.state_dict(), rng=rng_states(device))
             result = train_step(model, optimizer, train_loader.next_batch, grad_accum_steps, device, lr,
                                 config.grad_clip, ddp_world_size, stop=lambda: stop.agreed(device) > 0)  # fmt: skip
             if result is not None:  # None: a stop signal came inside the step, which is dropped (a resume redoes it)
@@ -294,7 +294,6 @@ def main(argv=None):
                 check_loss(loss, norm, step, config.out_dir)  # a NaN stops the run (on every rank: all-reduced)
                 if master_process:
                     log_step(run_log, step, loss, lr, norm, dt, config, raw_model, device, ddp_world_size)
-                resume = dict(step=step + 1, train_loader=train_loader.state_dict(), rng=rng_states(device))
 
             # a checkpoint every checkpoint_interval steps, after the last step, and when a stop signal came
             signum = stop.agreed(device)  # the same on every rank (a one-number all-reduce), so all stop together
@@ -303,6 +302,8 @@ def main(argv=None):
                 check_weights(raw_model, step, config.out_dir)  # on every rank: they hold the same weights
                 if master_process:
                     # everything the next step depends on: a resumed run continues exactly where this one stopped
+                    after_step = dict(step=step + 1, train_loader=train_loader.state_dict(), rng=rng_states(device))
+                    resume = before_step if result is None else after_step
                     state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
                                  model_config=asdict(raw_model.config), config=asdict(config), val_loss=val_loss,
                                  wandb_run_id=run_log.wandb_id, **resume)  # fmt: skip
@@ -311,7 +312,7 @@ def main(argv=None):
                 break
 
     if master_process:
-        log_run_end(run_log, config, raw_model, start, signum, resume["step"] if signum else None)
+        log_run_end(run_log, config, raw_model, start, signum, step + (result is not None) if signum else None)
         run_log.close(128 + signum if signum else 0)
     teardown_distributed()
     if signum:
