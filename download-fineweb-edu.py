@@ -575,14 +575,18 @@ class TokenizerPool:
             multiprocessing.forkserver.ensure_running()  # this process stops them
             signal.signal(signal.SIGINT, handler)
         self.jobs, self.results, self.processes, self.sent, self.received = [], [], [], 0, 0
-        for _ in range(workers):
-            jobs, (results, child_end) = context.Queue(), context.Pipe(duplex=False)  # a queue never blocks its sender
-            jobs.cancel_join_thread()  # a process that died must not hold up this one's exit
-            args = ("download-fineweb-edu", "tokenizer_process", jobs, child_end, os.getpid())
-            process = context.Process(target=call_in_script, args=args, daemon=True, name="tokenizer")
-            process.start()
-            child_end.close()  # the process holds the only writing end now: its death is an end of file here
-            self.jobs.append(jobs), self.results.append(results), self.processes.append(process)
+        try:
+            for _ in range(workers):
+                jobs, (results, child_end) = context.Queue(), context.Pipe(duplex=False)  # a queue never blocks
+                jobs.cancel_join_thread()  # a process that died must not hold up this one's exit
+                args = ("download-fineweb-edu", "tokenizer_process", jobs, child_end, os.getpid())
+                process = context.Process(target=call_in_script, args=args, daemon=True, name="tokenizer")
+                self.jobs.append(jobs), self.results.append(results), self.processes.append(process)
+                process.start()
+                child_end.close()  # the process holds the only writing end now: its death is an end of file here
+        except BaseException:  # a stop (Ctrl-C, SIGTERM) while they start: the ones started end before this one goes
+            self.__exit__()  # on to remove the queues they may still be opening
+            raise
 
     def submit(self, texts):
         self.jobs[self.sent % len(self.jobs)].put(texts)  # sent by the queue's own thread: this never blocks
@@ -606,9 +610,10 @@ class TokenizerPool:
         return self
 
     def __exit__(self, *exc):
-        for process in self.processes:
+        started = [process for process in self.processes if process.pid is not None]
+        for process in started:
             process.terminate()  # they hold no state: whatever they were doing is not needed any more
-        for process in self.processes:
+        for process in started:
             process.join(5)
             if process.is_alive():
                 process.kill()
