@@ -16,6 +16,7 @@ the stop signal (checkpoint.py). Here: TrainConfig, get_lr, train_step, evaluate
 """
 
 import argparse
+import contextlib
 import math
 import os
 import shlex
@@ -216,104 +217,111 @@ def main(argv=None):
         all_ranks_agree(lambda: prepare_quickstart(config.data_dir) if ddp_local_rank == 0 else None)
     train_loader, val_loader = all_ranks_agree(lambda: open_loaders(config, ddp_rank, ddp_world_size, master_process))
 
-    # where the run starts: rank 0 owns the out dir (log, plots, checkpoints) and reads the checkpoint for everyone
-    # the lock lasts as long as this file object: keep it for the whole run
-    lock = all_ranks_agree(lambda: take_out_dir(config.out_dir) if master_process else None)  # noqa: F841
-    run_log = RunLog(config.out_dir)  # log.jsonl, and wandb with --wandb-project
-    start = find_start_on_every_rank(config, master_process, device)
-    if start.finished:  # started again after the last step: nothing to train, perhaps something to --export
+    # where the run starts: rank 0 owns the out dir (log, plots, checkpoints) for as long as the run lasts, and reads
+    # the checkpoint for everyone
+    out_dir_lock = all_ranks_agree(lambda: take_out_dir(config.out_dir) if master_process else contextlib.nullcontext())
+    with out_dir_lock:  # held until the run ends, however it ends: a second run on this out dir is refused
+        run_log = RunLog(config.out_dir)  # log.jsonl, and wandb with --wandb-project
+        start = find_start_on_every_rank(config, master_process, device)
+        if start.finished:  # started again after the last step: nothing to train, perhaps something to --export
+            if master_process:
+                model = model_from_checkpoint(start.checkpoint, start.path) if config.export else None
+                log_run_end(run_log, config, model, start)
+            teardown_distributed()
+            return
+
+        # the model and its optimizer
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        if is_cuda(device):
+            torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls (HellaSwag and sampling use full fp32)
+        # a new GPT of the flags' shape, --init-from's pretrained weights, or a resume's shape; on every rank
+        model = all_ranks_agree(lambda: model_for_run(config, start)).to(device)
+        optimizer = model.configure_optimizers(config.weight_decay, config.max_lr, (config.beta1, config.beta2),
+                                               torch.device(device).type, config.eps)  # fmt: skip
+        # a resume puts the weights, optimizer state, data position and RNG states back; val_loss as last measured
+        start_step, val_loss = restore(start, model, optimizer, train_loader, device) if start.checkpoint else (0, None)
+        raw_model = model  # evaluation, sampling and checkpoints use the plain module
+        if compile_model:
+            model = torch.compile(model)  # fuses the many small kernels of a step into few; compiles on the first step
+        if ddp_world_size > 1:
+            model = DDP(
+                model, device_ids=[ddp_local_rank] if is_cuda(device) else None
+            )  # averages gradients over ranks
+
         if master_process:
-            model = model_from_checkpoint(start.checkpoint, start.path) if config.export else None
-            log_run_end(run_log, config, model, start)
-        teardown_distributed()
-        return
+            setup = dict(device=device, compile=compile_model, micro_batch_requested=requested_micro_batch,
+                         world_size=ddp_world_size, grad_accum_steps=grad_accum_steps)  # fmt: skip
+            log_run_start(run_log, config, start, start_step, raw_model, setup)
+        start.checkpoint = None  # its memory back: everything in it is in place now
+        # HellaSwag's examples, read (downloaded once) by rank 0 and sent to the others
+        hellaswag_examples = config.hellaswag_interval > 0 and hellaswag.examples_on_every_rank(
+            config.hellaswag_file, config.hellaswag_limit, master_process, device)  # fmt: skip
+        damaged = set(start.damaged)  # checkpoints that did not load: never pruned, replaced when this run writes one
+        signum = 0  # the stop signal that ended the loop, if any
+        with StopSignal() as stop:
+            # max_steps optimizer steps, then one more pass that only evaluates: the loss at step s is measured after s
+            # updates, and a checkpoint written after step s is ckpt_<s+1>: what a resume starts with
+            for step in range(start_step, config.max_steps + 1):
+                last_step = step == config.max_steps
+                # evaluation, on the raw model: the compiled one would compile again for other shapes, and DDP is for
+                # gradients; every rank takes part, each on its own rows, and the results are averaged
+                record = dict(step=step)
+                if config.eval_interval > 0 and (step % config.eval_interval == 0 or last_step):
+                    val_loss = evaluate_loss(raw_model, val_loader, config.val_steps, device, ddp_world_size)
+                    record["val_loss"] = val_loss
+                if hellaswag_examples and (step % config.hellaswag_interval == 0 or last_step):
+                    results = hellaswag.evaluate(raw_model, hellaswag_examples, device, 32, ddp_rank, ddp_world_size)
+                    record.update({f"hellaswag_{k}": v for k, v in results.items()})
+                if master_process and len(record) > 1:
+                    run_log.write(record)
+                    print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+                    plot_log(run_log.path, os.path.join(config.out_dir, "loss.png"))
+                sample_due = config.sample_interval > 0 and (step % config.sample_interval == 0 or last_step)
+                if master_process and sample_due and step > 0:
+                    texts = sample.texts(
+                        raw_model, config.sample_prompt, config.num_samples, config.sample_tokens, device
+                    )
+                    run_log.write(dict(step=step, samples=texts))
+                    print("\n".join(f"sample: {text!r}" for text in texts))
+                if last_step:
+                    break
 
-    # the model and its optimizer
-    torch.manual_seed(config.seed)  # the same initial weights on every rank
-    if is_cuda(device):
-        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls (HellaSwag and sampling use full fp32)
-    # a new GPT of the flags' shape, --init-from's pretrained weights, or a resume's shape; on every rank
-    model = all_ranks_agree(lambda: model_for_run(config, start)).to(device)
-    optimizer = model.configure_optimizers(config.weight_decay, config.max_lr, (config.beta1, config.beta2),
-                                           torch.device(device).type, config.eps)  # fmt: skip
-    # a resume puts the weights, optimizer state, data position and RNG states back; val_loss as last measured
-    start_step, val_loss = restore(start, model, optimizer, train_loader, device) if start.checkpoint else (0, None)
-    raw_model = model  # evaluation, sampling and checkpoints use the plain module
-    if compile_model:
-        model = torch.compile(model)  # fuses the many small kernels of a step into few; compiles on the first step
-    if ddp_world_size > 1:
-        model = DDP(model, device_ids=[ddp_local_rank] if is_cuda(device) else None)  # averages gradients over ranks
+                # ---------------------------------------- training section begin
+                t0 = time.time()
+                lr = get_lr(step, config)
+                # what a checkpoint records if the step is dropped: the state before it, for a resume to do it again
+                before_step = dict(step=step, train_loader=train_loader.state_dict(), rng=rng_states(device))
+                result = train_step(model, optimizer, train_loader.next_batch, grad_accum_steps, device, lr,
+                                    config.grad_clip, ddp_world_size, stop=lambda: stop.agreed(device) > 0)  # fmt: skip
+                if (
+                    result is not None
+                ):  # None: a stop signal came inside the step, which is dropped (a resume redoes it)
+                    loss, norm = (t.item() for t in result)  # waits for the GPU: until here the CPU ran ahead of it
+                    dt = time.time() - t0
+                    # ---------------------------------------- training section end
+                    check_loss(loss, norm, step, config.out_dir)  # a NaN stops the run (on every rank: all-reduced)
+                    if master_process:
+                        log_step(run_log, step, loss, lr, norm, dt, config, raw_model, device, ddp_world_size)
 
-    if master_process:
-        setup = dict(device=device, compile=compile_model, micro_batch_requested=requested_micro_batch,
-                     world_size=ddp_world_size, grad_accum_steps=grad_accum_steps)  # fmt: skip
-        log_run_start(run_log, config, start, start_step, raw_model, setup)
-    start.checkpoint = None  # its memory back: everything in it is in place now
-    # HellaSwag's examples, read (downloaded once) by rank 0 and sent to the others
-    hellaswag_examples = config.hellaswag_interval > 0 and hellaswag.examples_on_every_rank(
-        config.hellaswag_file, config.hellaswag_limit, master_process, device)  # fmt: skip
-    damaged = set(start.damaged)  # checkpoints that did not load: never pruned, replaced when this run writes one
-    signum = 0  # the stop signal that ended the loop, if any
-    with StopSignal() as stop:
-        # max_steps optimizer steps, then one more pass that only evaluates: the loss at step s is measured after s
-        # updates, and a checkpoint written after step s is ckpt_<s+1>: what a resume starts with
-        for step in range(start_step, config.max_steps + 1):
-            last_step = step == config.max_steps
-            # evaluation, on the raw model: the compiled one would compile again for other shapes, and DDP is for
-            # gradients; every rank takes part, each on its own rows, and the results are averaged
-            record = dict(step=step)
-            if config.eval_interval > 0 and (step % config.eval_interval == 0 or last_step):
-                val_loss = evaluate_loss(raw_model, val_loader, config.val_steps, device, ddp_world_size)
-                record["val_loss"] = val_loss
-            if hellaswag_examples and (step % config.hellaswag_interval == 0 or last_step):
-                results = hellaswag.evaluate(raw_model, hellaswag_examples, device, 32, ddp_rank, ddp_world_size)
-                record.update({f"hellaswag_{k}": v for k, v in results.items()})
-            if master_process and len(record) > 1:
-                run_log.write(record)
-                print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-                plot_log(run_log.path, os.path.join(config.out_dir, "loss.png"))
-            sample_due = config.sample_interval > 0 and (step % config.sample_interval == 0 or last_step)
-            if master_process and sample_due and step > 0:
-                texts = sample.texts(raw_model, config.sample_prompt, config.num_samples, config.sample_tokens, device)
-                run_log.write(dict(step=step, samples=texts))
-                print("\n".join(f"sample: {text!r}" for text in texts))
-            if last_step:
-                break
+                # a checkpoint every checkpoint_interval steps, after the last step, and when a stop signal came
+                signum = stop.agreed(device)  # the same on every rank (a one-number all-reduce), so all stop together
+                every = config.checkpoint_interval > 0 and (step + 1) % config.checkpoint_interval == 0
+                if every or step + 1 == config.max_steps or signum:
+                    check_weights(raw_model, step, config.out_dir)  # on every rank: they hold the same weights
+                    if master_process:
+                        # everything the next step depends on: a resumed run continues exactly where this one stopped
+                        after_step = dict(step=step + 1, train_loader=train_loader.state_dict(), rng=rng_states(device))
+                        resume = before_step if result is None else after_step
+                        state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
+                                     model_config=asdict(raw_model.config), config=asdict(config), val_loss=val_loss,
+                                     wandb_run_id=run_log.wandb_id, **resume)  # fmt: skip
+                        write_checkpoint(config.out_dir, state, config.keep_checkpoints, damaged)
+                if signum:
+                    break
 
-            # ---------------------------------------- training section begin
-            t0 = time.time()
-            lr = get_lr(step, config)
-            # what a checkpoint records if the step is dropped: the state before it, for a resume to do it again
-            before_step = dict(step=step, train_loader=train_loader.state_dict(), rng=rng_states(device))
-            result = train_step(model, optimizer, train_loader.next_batch, grad_accum_steps, device, lr,
-                                config.grad_clip, ddp_world_size, stop=lambda: stop.agreed(device) > 0)  # fmt: skip
-            if result is not None:  # None: a stop signal came inside the step, which is dropped (a resume redoes it)
-                loss, norm = (t.item() for t in result)  # waits for the GPU: until here the CPU ran ahead of it
-                dt = time.time() - t0
-                # ---------------------------------------- training section end
-                check_loss(loss, norm, step, config.out_dir)  # a NaN stops the run (on every rank: all-reduced)
-                if master_process:
-                    log_step(run_log, step, loss, lr, norm, dt, config, raw_model, device, ddp_world_size)
-
-            # a checkpoint every checkpoint_interval steps, after the last step, and when a stop signal came
-            signum = stop.agreed(device)  # the same on every rank (a one-number all-reduce), so all stop together
-            every = config.checkpoint_interval > 0 and (step + 1) % config.checkpoint_interval == 0
-            if every or step + 1 == config.max_steps or signum:
-                check_weights(raw_model, step, config.out_dir)  # on every rank: they hold the same weights
-                if master_process:
-                    # everything the next step depends on: a resumed run continues exactly where this one stopped
-                    after_step = dict(step=step + 1, train_loader=train_loader.state_dict(), rng=rng_states(device))
-                    resume = before_step if result is None else after_step
-                    state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                                 model_config=asdict(raw_model.config), config=asdict(config), val_loss=val_loss,
-                                 wandb_run_id=run_log.wandb_id, **resume)  # fmt: skip
-                    write_checkpoint(config.out_dir, state, config.keep_checkpoints, damaged)
-            if signum:
-                break
-
-    if master_process:
-        log_run_end(run_log, config, raw_model, start, signum, step + (result is not None) if signum else None)
-        run_log.close(128 + signum if signum else 0)
+        if master_process:
+            log_run_end(run_log, config, raw_model, start, signum, step + (result is not None) if signum else None)
+            run_log.close(128 + signum if signum else 0)
     teardown_distributed()
     if signum:
         raise SystemExit(128 + signum)  # the shell's code for "ended by this signal": the run is not done

@@ -61,11 +61,11 @@ def plot_log(log_path, png_path):
     plt.close(fig)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("log", help="a log.jsonl written by train.py")
     parser.add_argument("png", nargs="?", help="where to write the plot (default: loss.png beside the log)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not os.path.isfile(args.log):
         raise UserError(f"{args.log} is not a file" if os.path.exists(args.log) else f"{args.log} does not exist")
     png = args.png or os.path.join(os.path.dirname(args.log), "loss.png")

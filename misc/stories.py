@@ -11,12 +11,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
 
-from utils import ROOT, UserError, atomic_write  # noqa: E402
+from utils import ROOT, UserError, atomic_write, data_manifest  # noqa: E402
 
 
 def prepare_quickstart(data_dir):
     """Generated children's stories as a jsonl corpus, tokenized into shards by download-fineweb-edu.py in a process
     of its own: its tokenizer processes and their fork server end with it, not with the training run."""
+    if data_manifest(data_dir).get("complete"):  # tokenized by an earlier start
+        return
     os.makedirs(data_dir, exist_ok=True)
     corpus = os.path.join(data_dir, "stories.jsonl")
     if not os.path.exists(corpus):
