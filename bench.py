@@ -132,11 +132,13 @@ def bench_hellaswag(args):
 # tokenizing
 
 
-def python_docs_corpus():
-    """English text that ships with Python itself, no download: the reference manual's topics (pydoc_data) and every
-    long docstring of the standard library's modules, classes and functions (read with ast, nothing imported).
-    About 2,500 documents and 500k GPT-2 tokens."""
+def python_docs_corpus(docstrings=True):
+    """English text that ships with Python itself, no download: the reference manual's topics (pydoc_data, 79
+    documents, 139k GPT-2 tokens) and every long docstring of the standard library's modules, classes and functions
+    (read with ast, nothing imported; seconds to parse). About 2,400 documents and 480k GPT-2 tokens."""
     docs = [text.strip() for _, text in sorted(pydoc_data.topics.topics.items())]
+    if not docstrings:
+        return docs
     stdlib = sysconfig.get_paths()["stdlib"]
     for path in sorted(glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True)):
         if os.path.relpath(path, stdlib).startswith(("site-packages", "test", "idlelib", "lib2to3")):
@@ -323,9 +325,17 @@ RESUME_TOLERANCE = 1e-3  # nats: resumed losses against the uninterrupted run's 
 MEMORY_LIMIT_GIB = 76  # reserved by PyTorch: what an 80 GB card (79.6 GiB) leaves a process, with room to spare
 
 
+def compile_backend(device, quick):
+    """torch.compile's backend for the timed train steps and sampling's one-token step: inductor, as train.py and
+    sample.py compile; for --quick on a CPU, aot_eager, which captures the same graphs (forward and backward) without
+    a minute of C++ compilation: there --quick checks the report's wiring, and the figures come from a GPU."""
+    return "aot_eager" if quick and not is_cuda(device) else "inductor"
+
+
 def measure_train_steps(
-    device, shape, seq_len, micro_batch, grad_accum_steps, compile_model, data_dir, steps, warmup, profile_steps=0
-):
+    device, shape, seq_len, micro_batch, grad_accum_steps, compile_model, data_dir, steps, warmup, profile_steps=0,
+    backend="inductor",
+):  # fmt: skip
     """train.py's step (loader, bf16 autocast, accumulation, clipping, fused AdamW) on a fresh model: the time of each
     step, the losses, peak memory, and with profile_steps that many more steps under torch.profiler (the operators and
     kernels that took the most time). The first step includes compilation."""
@@ -335,7 +345,7 @@ def measure_train_steps(
     with torch.device(device):  # built on the device: large models initialise in seconds, not minutes
         model = GPT(GPTConfig(block_size=seq_len, **shape))
     optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.split(":")[0])
-    run_model = torch.compile(model) if compile_model else model
+    run_model = torch.compile(model, backend=backend) if compile_model else model
     loader = ShardedDataLoader(data_dir, "train", micro_batch, seq_len)
     cuda = is_cuda(device)
     if cuda:
@@ -399,9 +409,9 @@ def check_reference_step(device, quick, data_dir, profile_steps=0):
     """GPT-2 124M, T=1024, bf16, compiled, micro-batch 64 and 32, against the same step uncompiled; with
     profile_steps, where the first variant's time goes."""
     shape, seq_len = (
-        (dict(n_layer=2, n_head=2, n_embd=64), 64) if quick else (dict(n_layer=12, n_head=12, n_embd=768), 1024)
+        (dict(n_layer=2, n_head=2, n_embd=64), 32) if quick else (dict(n_layer=12, n_head=12, n_embd=768), 1024)
     )
-    micro_batches = (8, 4) if quick else (64, 32)
+    micro_batches = (4, 2) if quick else (64, 32)
     total_batch = micro_batches[0] * seq_len * 4  # 4 micro-steps at the larger micro-batch
     steps, warmup = (2, 1) if quick else (5, 3)
     flops_model = GPT(GPTConfig(block_size=seq_len, **shape))
@@ -411,7 +421,7 @@ def check_reference_step(device, quick, data_dir, profile_steps=0):
         grad_accum_steps = total_batch // (micro_batch * seq_len)
         times, losses, memory, top = measure_train_steps(
             device, shape, seq_len, micro_batch, grad_accum_steps, compile_model, data_dir, steps, warmup,
-            profile_steps if not variants else 0,
+            profile_steps if not variants else 0, compile_backend(device, quick),
         )  # fmt: skip
         profiled = profiled or top
         step_s = float(np.median(times[warmup:]))
@@ -443,15 +453,21 @@ def check_reference_step(device, quick, data_dir, profile_steps=0):
         meets_target=best["tokens_per_sec"] >= TARGET_TOKENS_PER_SEC,
         total_batch=total_batch,
         seq_len=seq_len,
+        compile_backend=compile_backend(device, quick),
         variants=variants,
         **(dict(profile=profiled) if profiled else {}),
     )
 
 
-def run_train(argv, log_path):
-    """train.py's main in this process, its output into log_path."""
-    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        train.main(argv)
+def run_train(argv, log_path, threads):
+    """train.py's main in this process on this many math threads, its output into log_path."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            train.main(argv)
+    finally:
+        torch.set_num_threads(before)
 
 
 def train_losses(out_dir):
@@ -460,21 +476,28 @@ def train_losses(out_dir):
 
 def check_parity_and_resume(device, quick, data_dir, tmp):
     """The tiny preset through train.py on the device (compiled there, bf16 on CUDA) against fp32 on the CPU; then the
-    same run killed with SIGKILL after a checkpoint and resumed; then the in-training HellaSwag against hellaswag.py."""
+    same run killed with SIGKILL after a checkpoint and resumed; then the in-training HellaSwag against hellaswag.py.
+    --quick: 6 steps instead of 20, and on a CPU one math thread, with which a CPU resume is bit for bit."""
+    steps = 6 if quick else 20
     hellaswag_file = os.path.join(tmp, "hellaswag_small.jsonl")
     with open(hellaswag_file, "w") as f:
-        f.writelines(json.dumps(ex) + "\n" for ex in hellaswag.synthetic_examples(64 if quick else 256, seed=1))
-    common = ["--preset", "tiny", "--data-dir", data_dir, "--checkpoint-interval", "5", "--hellaswag-interval", "20",
-              "--hellaswag-file", hellaswag_file]  # fmt: skip
+        f.writelines(json.dumps(ex) + "\n" for ex in hellaswag.synthetic_examples(16 if quick else 256, seed=1))
+    common = ["--preset", "tiny", "--data-dir", data_dir, "--max-steps", str(steps), "--hellaswag-interval", str(steps),
+              "--checkpoint-interval", str(steps // 2), "--hellaswag-file", hellaswag_file]  # fmt: skip
     runs = {name: os.path.join(tmp, name) for name in ("device", "cpu", "killed")}
-    run_train([*common, "--device", device, "--out-dir", runs["device"]], os.path.join(tmp, "device.log"))
-    run_train([*common, "--device", "cpu", "--out-dir", runs["cpu"]], os.path.join(tmp, "cpu.log"))
+    threads = 1 if quick and not is_cuda(device) else torch.get_num_threads()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **({"OMP_NUM_THREADS": "1"} if threads == 1 else {}))
+    run_train([*common, "--device", device, "--out-dir", runs["device"]], os.path.join(tmp, "device.log"), threads)
+    if is_cuda(device):
+        run_train([*common, "--device", "cpu", "--out-dir", runs["cpu"]], os.path.join(tmp, "cpu.log"), threads)
+    else:  # the same run: on a CPU, parity is with itself
+        runs["cpu"] = runs["device"]
     on_device, on_cpu = train_losses(runs["device"]), train_losses(runs["cpu"])
     parity = max(abs(on_device[s] - on_cpu[s]) for s in on_cpu)
     checks = [
         dict(
             name="short_run_parity",
-            ok=sorted(on_device) == sorted(on_cpu) == list(range(20)) and parity <= PARITY_TOLERANCE,
+            ok=sorted(on_device) == sorted(on_cpu) == list(range(steps)) and parity <= PARITY_TOLERANCE,
             max_abs_diff=parity,
             tolerance=PARITY_TOLERANCE,
             device_losses=[on_device[s] for s in sorted(on_device)],
@@ -483,27 +506,27 @@ def check_parity_and_resume(device, quick, data_dir, tmp):
     ]
 
     argv = [sys.executable, os.path.join(ROOT, "train.py"), *common, "--device", device, "--out-dir", runs["killed"]]
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1")
-    )
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    first_checkpoint = f"ckpt_{steps // 2:06d}.pt"
     with open(os.path.join(tmp, "killed.log"), "w") as log:
-        for line in proc.stdout:  # killed the moment it reports its step-10 checkpoint, as a crash would hit it
+        for line in proc.stdout:  # killed the moment it reports its first checkpoint, as a crash would hit it
             log.write(line)
-            if line.startswith("saved") and line.rstrip().endswith("ckpt_000010.pt"):
+            if line.startswith("saved") and line.rstrip().endswith(first_checkpoint):
                 proc.kill()
                 break
     proc.kill()
     proc.wait()
     killed_at = max(train_losses(runs["killed"]), default=None)
-    run_train([*common, "--device", device, "--out-dir", runs["killed"], "--resume"], os.path.join(tmp, "killed.log"))
+    resume = [*common, "--device", device, "--out-dir", runs["killed"], "--resume"]
+    run_train(resume, os.path.join(tmp, "killed.log"), threads)
     resumed = train_losses(runs["killed"])
     diffs = [abs(resumed[s] - on_device[s]) for s in on_device if s in resumed]
     checks.append(
         dict(
             name="kill_and_resume",
-            ok=sorted(resumed) == list(range(20))
+            ok=sorted(resumed) == list(range(steps))
             and killed_at is not None
-            and killed_at < 19
+            and killed_at < steps - 1
             and max(diffs) <= RESUME_TOLERANCE,
             killed_after_step=killed_at,
             max_abs_diff=max(diffs),
@@ -517,7 +540,7 @@ def check_parity_and_resume(device, quick, data_dir, tmp):
         for k, v in read_log(os.path.join(runs["device"], "log.jsonl"))[-1].items()
         if k.startswith("hellaswag_")
     }
-    model = load_model(os.path.join(runs["device"], "ckpt_000020.pt"), device)
+    model = load_model(os.path.join(runs["device"], f"ckpt_{steps:06d}.pt"), device)
     standalone = hellaswag.evaluate(model, hellaswag.load_examples(hellaswag_file), device, 32)
     checks.append(
         dict(
@@ -548,9 +571,10 @@ def check_hellaswag(device, quick, tmp):
     return dict(ok=ok, seconds=seconds, examples_per_sec=n / seconds, target_seconds=30, **results)
 
 
-def sampling_speeds(model, device, new_tokens, samples=2):
+def sampling_speeds(model, device, new_tokens, samples=2, backend="inductor"):
     """sample.py's generation at batch 1 three ways, each after its own warm-up (which compiles): tokens/s of the
-    compiled step on the KV cache, the same step uncompiled, and no cache (each token re-reads the whole context)."""
+    compiled step on the KV cache, the same step uncompiled, and no cache (each token re-reads the whole context);
+    and whether greedy decoding is the same compiled and uncompiled (at the timed length: no second compile)."""
     enc = get_tokenizer()
     idx = torch.tensor([enc.encode(sample.Config.prompt)], device=device)
 
@@ -567,11 +591,11 @@ def sampling_speeds(model, device, new_tokens, samples=2):
         return samples * new_tokens / (time.perf_counter() - t0)
 
     speeds = dict(
-        compiled_tokens_per_sec=tokens_per_sec(compile=True),
+        compiled_tokens_per_sec=tokens_per_sec(compile=backend),
         tokens_per_sec=tokens_per_sec(compile=False),
         uncached_tokens_per_sec=tokens_per_sec(use_cache=False),
     )
-    greedy = [model.generate(idx, 32, temperature=0, **kw)[0].tolist() for kw in (dict(compile=True), {})]
+    greedy = [model.generate(idx, new_tokens, temperature=0, compile=c)[0].tolist() for c in (backend, False)]
     return dict(
         **speeds,
         compile_speedup=speeds["compiled_tokens_per_sec"] / speeds["tokens_per_sec"],
@@ -582,12 +606,13 @@ def sampling_speeds(model, device, new_tokens, samples=2):
 
 def check_sampling(device, quick):
     """sample.py's generation with GPT-2 124M at batch 1: compiled against uncompiled, cache against no cache."""
-    shape = dict(n_layer=2, n_head=2, n_embd=64) if quick else dict(n_layer=12, n_head=12, n_embd=768)
+    shape = dict(block_size=64, n_layer=2, n_head=2, n_embd=32) if quick else dict(n_layer=12, n_head=12, n_embd=768)
     torch.manual_seed(0)
     with torch.device(device):
         model = GPT(GPTConfig(**shape)).eval()
-    speeds = sampling_speeds(model, device, 32 if quick else 256)
-    return dict(ok=speeds["greedy_equal"], target_compiled_tokens_per_sec=1000, **speeds)
+    backend = compile_backend(device, quick)
+    speeds = sampling_speeds(model, device, 56 if quick else 256, backend=backend)
+    return dict(ok=speeds["greedy_equal"], target_compiled_tokens_per_sec=1000, compile_backend=backend, **speeds)
 
 
 def bench_sample(args):
@@ -613,8 +638,12 @@ def check_larger_presets(device, quick, data_dir):
     results = []
     for preset in ("gpt2-350m", "gpt2-774m", "gpt2-1558m"):
         c = train.parse_config(["--preset", preset])
-        shape = dict(n_layer=1 if quick else c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
-        micro_batch, seq_len = (1, 64) if quick else (c.micro_batch, c.seq_len)
+        shape = (
+            dict(n_layer=1, n_head=c.n_head, n_embd=8 * c.n_head)
+            if quick
+            else dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
+        )
+        micro_batch, seq_len = (1, 32) if quick else (c.micro_batch, c.seq_len)
         try:
             _, losses, memory, _ = measure_train_steps(device, shape, seq_len, micro_batch, 1, False, data_dir, 1, 0)
             fits = math.isfinite(losses[0]) and memory.get("reserved_gib", 0) <= MEMORY_LIMIT_GIB
@@ -627,10 +656,10 @@ def check_larger_presets(device, quick, data_dir):
     return dict(ok=all(r["ok"] for r in results), memory_limit_gib=MEMORY_LIMIT_GIB, presets=results)
 
 
-def write_pydocs_shards(data_dir):
-    """Python's documentation (English text, no download) as a val and a train shard."""
+def write_pydocs_shards(data_dir, quick=False):
+    """Python's documentation (English text, no download) as a val and a train shard; --quick: its topics only."""
     os.makedirs(data_dir, exist_ok=True)
-    docs = get_tokenizer().encode_ordinary_batch(python_docs_corpus())
+    docs = get_tokenizer().encode_ordinary_batch(python_docs_corpus(docstrings=not quick))
     tokens = np.concatenate([np.array([EOT, *doc], dtype=np.uint16) for doc in docs])
     np.save(os.path.join(data_dir, "pydocs_val_000000.npy"), tokens[:50_000])
     np.save(os.path.join(data_dir, "pydocs_train_000001.npy"), tokens[50_000:])
@@ -679,7 +708,7 @@ def bench_gpu(args):
             tmp = args.work_dir
             os.makedirs(tmp, exist_ok=True)
         data_dir = os.path.join(tmp, "data")
-        write_pydocs_shards(data_dir)
+        write_pydocs_shards(data_dir, args.quick)
         run("reference_step", check_reference_step, device, args.quick, data_dir, 2 if args.profile else 0)
         ref = report["checks"][-1]
         report.update(tokens_per_sec=ref.get("tokens_per_sec"), mfu=ref.get("mfu"))
@@ -724,7 +753,7 @@ def gpu_summary(report):
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="bench", required=True)
     t = sub.add_parser("tokenize", help="download-fineweb-edu.py against the nanoGPT-style loop on a local corpus")
@@ -750,10 +779,11 @@ def main():
                        "large presets; writes a JSON report")  # fmt: skip
     g.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto")
     g.add_argument("--out", default="report.json", help="the JSON report (written after every check)")
-    g.add_argument("--quick", action="store_true", help="the same checks with small shapes (minutes on a CPU)")
+    g.add_argument("--quick", action="store_true", help="the same checks with small shapes, in seconds on a CPU (where "
+                   "the timed steps compile without inductor's code generator): the report's wiring")  # fmt: skip
     g.add_argument("--profile", action="store_true", help="also the reference step's top operators and kernels by time")
     g.add_argument("--work-dir", default="", help="keep the runs' logs, checkpoints and data here (default: temporary)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     counts = [n for n in ("tokens", "shard_size", "repeats", "examples", "n_layer", "n_head", "n_embd", "batch_size",
                           "connections", "new_tokens") if hasattr(args, n)]  # fmt: skip
     check_flags(args, "at least 1", lambda v: v >= 1, *counts)

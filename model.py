@@ -317,15 +317,16 @@ class GPT(nn.Module):
         kv_cache. Every shape is the same at every position, so this compiles once for a whole sample."""
         return self(idx, kv_cache=kv_cache, pos=pos)[0][:, -1, :]
 
-    def compiled_decoder(self, batch_size, length):
+    def compiled_decoder(self, batch_size, length, backend="inductor"):
         """decode_step compiled, and the one KVCache it always runs on: a CUDA graph replays the same tensors. Kept
         on the model for the next samples (a model that only samples: a training run never calls this)."""
         weight = self.lm_head.weight
-        cache = getattr(self, "_decoder", (None, None))[1]
-        if cache is None or (cache.batch_size, cache.length, cache.k[0].device) != (batch_size, length, weight.device):
-            mode = "reduce-overhead" if weight.is_cuda else "default"  # reduce-overhead: CUDA graphs
-            step = torch.compile(self.decode_step, mode=mode, fullgraph=True)
-            self._decoder = step, KVCache(self.config, batch_size, length, weight.dtype, weight.device)
+        key = (batch_size, length, weight.device, backend)
+        if getattr(self, "_decoder_key", None) != key:
+            mode = "reduce-overhead" if weight.is_cuda and backend == "inductor" else None  # CUDA graphs
+            step = torch.compile(self.decode_step, mode=mode, fullgraph=True, backend=backend)
+            cache = KVCache(self.config, batch_size, length, weight.dtype, weight.device)
+            self._decoder, self._decoder_key = (step, cache), key
         return self._decoder
 
     @torch.no_grad()  # not inference_mode: the compiled step keeps its cache, which later calls write again
@@ -342,12 +343,15 @@ class GPT(nn.Module):
     ):
         """Yield max_new_tokens new tokens, one (B, 1) tensor at a time, continuing the prompts idx (B, T).
         With the cache the prompt is read once, then each step processes one token; compile=True runs that step
-        compiled (the prompt itself is read uncompiled: its length varies). When the context is full the window
+        compiled (the prompt itself is read uncompiled: its length varies), with inductor, or with the torch.compile
+        backend compile names. When the context is full the window
         slides, every position moves, and the cached keys are stale: each step then re-reads the window."""
         (B, T), block_size = idx.size(), self.config.block_size
         length = min(block_size, T + max_new_tokens)  # the positions this generation reaches
         if compile:
-            decode_step, kv_cache = self.compiled_decoder(B, length)
+            decode_step, kv_cache = self.compiled_decoder(
+                B, length, compile if isinstance(compile, str) else "inductor"
+            )
         else:
             decode_step = self.decode_step
             kv_cache = KVCache(self.config, B, length, self.lm_head.weight.dtype, idx.device) if use_cache else None
