@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import run_script
+from conftest import cli, ok
 
 CHECKS = [
     "reference_step",
@@ -17,17 +17,17 @@ CHECKS = [
 
 def test_bench_gpu_quick_on_the_cpu_passes_every_check_and_writes_the_report_with_a_profile(tmp_path):
     out = tmp_path / "r.json"
-    r = run_script("bench.py", "gpu", "--device", "cpu", "--quick", "--profile", "--out", out, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = ok(cli("bench.py", "gpu", "--device", "cpu", "--quick", "--profile", "--out", out))
     report = json.loads(out.read_text())
     assert {"device", "tokens_per_sec", "mfu", "checks"} <= set(report)
     assert [c["name"] for c in report["checks"]] == CHECKS
     assert all(c["ok"] for c in report["checks"]), [c for c in report["checks"] if not c["ok"]]
     assert report["tokens_per_sec"] > 0 and report["mfu"] is None  # no MFU without a known GPU's peak
     reference = report["checks"][0]
-    assert [(v["micro_batch"], v["compiled"]) for v in reference["variants"]] == [(8, True), (8, False), (4, True)]
+    assert [(v["micro_batch"], v["compiled"]) for v in reference["variants"]] == [(4, True), (4, False), (2, True)]
+    assert reference["compile_backend"] == "aot_eager"  # --quick on a CPU: the wiring, without inductor's C++
     resume = report["checks"][2]
-    assert resume["killed_after_step"] < 19 and resume["max_abs_diff"] == 0.0  # on a CPU the resume is bit for bit
+    assert resume["killed_after_step"] < 5 and resume["max_abs_diff"] == 0.0  # on a CPU the resume is bit for bit
     assert report["checks"][3]["in_training"] == report["checks"][3]["hellaswag_py"]
     assert "7 checks" in r.stdout and "FAIL" not in r.stdout
     # --profile: where the reference step's time goes, most first, as shares of the time measured
@@ -48,8 +48,9 @@ SAMPLING_RATES = ("compiled_tokens_per_sec", "tokens_per_sec", "uncached_tokens_
 
 
 def test_bench_sample_prints_compiled_uncompiled_and_uncached_side_by_side(tiny_checkpoint):
-    r = run_script("bench.py", "sample", "--model", tiny_checkpoint(), "--new-tokens", 16, "--device", "cpu")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # the shape of test_sample's compiled model and a full 64-token cache: inductor compiles the step once for both
+    model = tiny_checkpoint(block_size=64)
+    r = ok(cli("bench.py", "sample", "--model", model, "--new-tokens", 56, "--device", "cpu"))
     rates = {
         line.rsplit(None, 2)[0].strip(): float(line.split()[-2])
         for line in r.stdout.splitlines()
@@ -67,8 +68,7 @@ def test_bench_sample_prints_compiled_uncompiled_and_uncached_side_by_side(tiny_
 
 
 def test_bench_download_prints_local_and_wan_side_by_side_with_requests_per_row_group():
-    r = run_script("bench.py", "download", "--tokens", 3_000_000, "--repeats", 1, "--connections", 4, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = ok(cli("bench.py", "download", "--tokens", 1_000_000, "--repeats", 1, "--connections", 4))
     lines = r.stdout.splitlines()
     rates = {line.split()[0]: float(line.split()[1]) for line in lines if len(line.split()) == 2}  # the table
     assert rates["local"] > 0 and rates["WAN"] > 0

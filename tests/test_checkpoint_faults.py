@@ -11,26 +11,15 @@ import pytest
 import torch
 
 from checkpoint import check_resumable, load_checkpoint, load_model
-from conftest import ROOT, run_script, tiny
-from test_faults import one_line_error, start_train, wait_for_step
+from conftest import ROOT, cli, copy_run, one_line_error, start_script, tiny
 from utils import UserError
 
 
-@pytest.fixture(scope="module")
-def trained(data_dir, tmp_path_factory):
-    """A finished tiny run, with checkpoints every 5 steps (the newest 3 kept)."""
-    out = tmp_path_factory.mktemp("run") / "out"
-    r = run_script("train.py", *tiny(data_dir, out, "--max-steps", 20))
-    assert r.returncode == 0, r.stderr
-    return out
-
-
-def test_a_file_size_limit_during_a_checkpoint_write_is_one_line_and_the_older_ones_stay(data_dir, trained, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    older = (trained / "ckpt_000010.pt").read_bytes()
-    (out / "ckpt_000010.pt").write_bytes(older)
-    (out / "log.jsonl").write_bytes((trained / "log.jsonl").read_bytes())
+def test_a_file_size_limit_during_a_checkpoint_write_is_one_line_and_the_older_ones_stay(
+    data_dir, finished_run, tmp_path
+):
+    out = copy_run(finished_run, tmp_path / "out", checkpoints=(10,))
+    older = (out / "ckpt_000010.pt").read_bytes()
 
     def limit_file_size():  # as `ulimit -f` does; SIGXFSZ ignored, so that the write fails with EFBIG
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -44,11 +33,11 @@ def test_a_file_size_limit_during_a_checkpoint_write_is_one_line_and_the_older_o
     assert (out / "ckpt_000010.pt").read_bytes() == older
 
 
-def test_a_stop_signals_checkpoint_that_cannot_be_written_says_so_and_the_older_ones_stay(data_dir, trained, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    older = (trained / "ckpt_000010.pt").read_bytes()
-    (out / "ckpt_000010.pt").write_bytes(older)
+def test_a_stop_signals_checkpoint_that_cannot_be_written_says_so_and_the_older_ones_stay(
+    data_dir, finished_run, tmp_path
+):
+    out = copy_run(finished_run, tmp_path / "out", checkpoints=(10,))
+    older = (out / "ckpt_000010.pt").read_bytes()
 
     def limit_file_size():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -56,19 +45,17 @@ def test_a_stop_signals_checkpoint_that_cannot_be_written_says_so_and_the_older_
 
     args = tiny(data_dir, out, "--max-steps", 10_000, "--checkpoint-interval", 0, "--eval-interval", 0,
                 "--sample-interval", 0, "--resume")  # fmt: skip
-    proc = start_train(*args, preexec_fn=limit_file_size)
-    wait_for_step(out, 11, proc)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-    line = one_line_error(r, "cannot write checkpoint ")
+    run = start_script("train.py", *args, preexec_fn=limit_file_size)
+    run.wait_for_step(11)
+    run.send_signal(signal.SIGTERM)
+    line = one_line_error(run.finish(), "cannot write checkpoint ")
     assert "a file-size limit (ulimit -f) stop" in line and "the checkpoints before it are intact" in line
     assert [n for n in os.listdir(out) if n.startswith("ckpt_")] == ["ckpt_000010.pt"]
     assert (out / "ckpt_000010.pt").read_bytes() == older
 
 
-def crafted(trained, tmp_path, change):
-    checkpoint = torch.load(trained / "ckpt_000020.pt", weights_only=True)
+def crafted(finished_run, tmp_path, change):
+    checkpoint = torch.load(finished_run / "ckpt_000020.pt", weights_only=True)
     change(checkpoint)
     path = tmp_path / "ckpt_000020.pt"
     torch.save(checkpoint, path)
@@ -90,34 +77,36 @@ def crafted(trained, tmp_path, change):
         ),  # fmt: skip
     ],
 )
-def test_a_damaged_or_crafted_checkpoint_is_one_line_before_anything_is_built(trained, tmp_path, change, message):
-    path = crafted(trained, tmp_path, change)
+def test_a_damaged_or_crafted_checkpoint_is_one_line_before_anything_is_built(finished_run, tmp_path, change, message):
+    path = crafted(finished_run, tmp_path, change)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_resumable(load_checkpoint(path), path)
 
 
-def test_a_checkpoint_claiming_a_huge_model_allocates_nothing_before_it_is_refused(trained, tmp_path):
-    path = crafted(trained, tmp_path, lambda c: c["model_config"].update(block_size=2**27))
-    r = run_script("sample.py", "--model", path, "--max-new-tokens", 1)  # a 2**27 x 64 wpe would be 34 GB of fp32
+def test_a_checkpoint_claiming_a_huge_model_allocates_nothing_before_it_is_refused(finished_run, tmp_path):
+    path = crafted(finished_run, tmp_path, lambda c: c["model_config"].update(block_size=2**27))
+    r = cli("sample.py", "--model", path, "--max-new-tokens", 1)  # a 2**27 x 64 wpe would be 34 GB of fp32
     one_line_error(r, "transformer.wpe.weight is (32, 64), its model shape needs (134217728, 64)")
     with pytest.raises(UserError, match="its model shape needs"):
         load_model(path)
     # a file of a few KB: no weights at all, and the same claim
     path = crafted(
-        trained, tmp_path, lambda c: (c.update(model={}, optimizer={}), c["model_config"].update(block_size=2**27))
+        finished_run, tmp_path, lambda c: (c.update(model={}, optimizer={}), c["model_config"].update(block_size=2**27))
     )
     assert os.path.getsize(path) < 200_000
-    r = run_script("sample.py", "--model", path, "--max-new-tokens", 1)
+    r = cli("sample.py", "--model", path, "--max-new-tokens", 1)
     one_line_error(r, f"{path}: its weights lack transformer.wte.weight and ")
     with pytest.raises(UserError, match="its weights lack transformer.wte.weight and"):
         check_resumable(load_checkpoint(path), path)
 
 
-def test_resuming_from_a_damaged_checkpoint_skips_it_with_a_warning_naming_what_is_wrong(data_dir, trained, tmp_path):
+def test_resuming_from_a_damaged_checkpoint_skips_it_with_a_warning_naming_what_is_wrong(
+    data_dir, finished_run, tmp_path
+):
     out = tmp_path / "out"
     out.mkdir()
-    crafted(trained, out, lambda c: c["train_loader"].pop("position"))
-    r = run_script("train.py", *tiny(data_dir, out, "--max-steps", 30, "--resume"))
+    crafted(finished_run, out, lambda c: c["train_loader"].pop("position"))
+    r = cli("train.py", *tiny(data_dir, out, "--max-steps", 30, "--resume"))
     one_line_error(r, f"no checkpoint in {out} can be read (ckpt_000020.pt); nothing was deleted")
     assert (
         f"warning: skipping {out / 'ckpt_000020.pt'}: {out / 'ckpt_000020.pt'} is damaged: train_loader.position"

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import load_model
-from conftest import run_script
+from conftest import cli, ok
 from utils import UserError
 
 SHAPE = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=50304)
@@ -150,13 +150,10 @@ def test_sample_and_hellaswag_run_on_nanogpt_and_build_nanogpt_checkpoints(tmp_p
     data = tmp_path / "hs.jsonl"
     data.write_text("".join(json.dumps(ex) + "\n" for ex in synthetic_examples(6)))
     for model_dir in (tmp_path / "nanogpt", tmp_path / "build"):
-        r = run_script("sample.py", "--model", model_dir, "--num-samples", 1, "--max-new-tokens", 8, "--device", "cpu")
-        assert r.returncode == 0, r.stderr
-        r = run_script(
-            "hellaswag.py", "--model", model_dir, "--data-file", data, "--device", "cpu", "--out", tmp_path / "r.json"
-        )
-        assert r.returncode == 0, r.stderr
-        assert json.loads((tmp_path / "r.json").read_text())["examples"] == 6
+        ok(cli("sample.py", "--model", model_dir, "--num-samples", 1, "--max-new-tokens", 8, "--device", "cpu"))
+        out = tmp_path / "r.json"
+        ok(cli("hellaswag.py", "--model", model_dir, "--data-file", data, "--device", "cpu", "--out", out))
+        assert json.loads(out.read_text())["examples"] == 6
 
 
 def test_a_checkpoint_of_another_program_is_a_one_line_error(tmp_path):

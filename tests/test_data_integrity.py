@@ -9,21 +9,13 @@ import numpy as np
 import pytest
 
 from checkpoint import take_out_dir
-from conftest import one_thread_env, run_script
-from test_download import make_corpus
-from test_faults import one_line_error
+from conftest import DOWNLOADER, cli, ok, one_line_error, tiny, train_losses
 from utils import EOT, ShardedDataLoader, UserError, get_tokenizer
 
-DOWNLOADER = "download-fineweb-edu.py"
 
-
-@pytest.fixture(scope="module")
-def shards_dir(tmp_path_factory):
-    corpus = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    make_corpus(corpus, 400)
-    out = tmp_path_factory.mktemp("data") / "out"
-    r = run_script(DOWNLOADER, "--data-files", corpus, "--out-dir", out, "--shard-size", 3000, "--workers", 1)
-    assert r.returncode == 0, r.stderr
+@pytest.fixture(scope="session")
+def shards_dir(downloaded):
+    corpus, _, out = downloaded
     return corpus, out
 
 
@@ -61,14 +53,13 @@ def test_a_second_downloader_on_the_same_out_dir_is_refused_and_touches_nothing(
     (data / "manifest.json").write_text(json.dumps(manifest))
     (data / "edufineweb_train_000003.npy.4242.tmp").write_bytes(b"the first run's shard, being written")
     with take_out_dir(str(data), DOWNLOADER, "nothing"):  # the first run holds the directory
-        r = run_script(DOWNLOADER, "--data-files", corpus, "--out-dir", data, "--shard-size", 3000)
+        r = cli(DOWNLOADER, "--data-files", corpus, "--out-dir", data, "--shard-size", 3000)
         one_line_error(r, f"{data} is in use by another {DOWNLOADER} (pid {os.getpid()} on ")
-        r = run_script(DOWNLOADER, "--data-files", corpus, "--out-dir", data, "--shard-size", 5000)
+        r = cli(DOWNLOADER, "--data-files", corpus, "--out-dir", data, "--shard-size", 5000)
         one_line_error(r, f"{data} holds shards made with shard_size=3000, not 5000")
     assert (data / "edufineweb_train_000003.npy.4242.tmp").exists()
     assert shard_names(data) == shard_names(out)
-    r = run_script(DOWNLOADER, "--data-files", corpus, "--out-dir", data, "--shard-size", 3000)  # the lock is gone
-    assert r.returncode == 0, r.stderr
+    ok(cli(DOWNLOADER, "--data-files", corpus, "--out-dir", data, "--shard-size", 3000))  # the lock is gone
     assert not (data / "edufineweb_train_000003.npy.4242.tmp").exists()  # now it is a leftover
     assert all((data / n).read_bytes() == (out / n).read_bytes() for n in shard_names(out))
 
@@ -109,8 +100,7 @@ def test_a_first_document_longer_than_the_val_shard_is_cut_and_not_continued_in_
     texts = ["word " * 5000, "the second document", "the third one"]
     corpus.write_text("".join(json.dumps(dict(text=t)) + "\n" for t in texts))
     out = tmp_path / "out"
-    r = run_script(DOWNLOADER, "--data-files", corpus, "--out-dir", out, "--shard-size", 3000, "--workers", 1)
-    assert r.returncode == 0, r.stderr
+    ok(cli(DOWNLOADER, "--data-files", corpus, "--out-dir", out, "--shard-size", 3000, "--workers", 1))
     enc = get_tokenizer()
     first = [EOT, *enc.encode_ordinary(texts[0])]
     assert np.load(out / "edufineweb_val_000000.npy").tolist() == first[:3000]
@@ -118,7 +108,7 @@ def test_a_first_document_longer_than_the_val_shard_is_cut_and_not_continued_in_
     assert np.load(out / "edufineweb_train_000001.npy").tolist() == rest  # starts with the next document
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["shards"][0]["next"] == [1, 0] and manifest["shards"][0]["last_document"] == 0
-    assert run_script(DOWNLOADER, "--verify", "--out-dir", out).returncode == 0
+    ok(cli(DOWNLOADER, "--verify", "--out-dir", out))
 
 
 @pytest.mark.parametrize("name", ["../edufineweb_train_000001.npy", "/etc/edufineweb_train_000001.npy", "x.npy"])
@@ -128,29 +118,28 @@ def test_a_manifest_that_names_a_file_outside_its_directory_is_refused(shards_di
     manifest = json.loads((data / "manifest.json").read_text())
     manifest["shards"][1]["file"], manifest["complete"] = name, False
     (data / "manifest.json").write_text(json.dumps(manifest))
-    r = run_script(DOWNLOADER, "--data-files", corpus, "--out-dir", data, "--shard-size", 3000)
+    r = cli(DOWNLOADER, "--data-files", corpus, "--out-dir", data, "--shard-size", 3000)
     one_line_error(r, "is damaged")
     with pytest.raises(UserError, match="manifest.json is damaged"):
         ShardedDataLoader(str(data), "train", 2, 16)
 
 
 def test_a_run_begun_on_an_unfinished_download_resumes_on_its_shards_when_more_have_arrived(data_dir, tmp_path):
-    from conftest import tiny, train_losses
-
     partial = tmp_path / "partial"
     partial.mkdir()
     for name in ("t_val_000000.npy", "t_train_000001.npy"):
         (partial / name).write_bytes((data_dir / name).read_bytes())
     reference, out = tmp_path / "reference", tmp_path / "out"
-    env = one_thread_env()
-    assert run_script("train.py", *tiny(partial, reference, "--max-steps", 10), env=env).returncode == 0
-    assert run_script("train.py", *tiny(partial, out, "--max-steps", 5), env=env).returncode == 0
+    args = ["--max-steps", 10, "--sample-interval", 0]
+    ok(cli("train.py", *tiny(partial, reference, *args), threads=1))
+    (out).mkdir()
+    (out / "ckpt_000005.pt").write_bytes((reference / "ckpt_000005.pt").read_bytes())  # a run stopped after step 4
     (partial / "t_train_000002.npy").write_bytes((data_dir / "t_train_000002.npy").read_bytes())  # the download went on
-    r = run_script("train.py", *tiny(partial, out, "--max-steps", 10, "--resume"), env=env)
-    assert r.returncode == 0, r.stderr
+    r = ok(cli("train.py", *tiny(partial, out, *args, "--resume"), threads=1))
     assert "note: the run goes on with the 1 shards it began with (t_train_000002.npy and the others added" in r.stdout
-    assert train_losses(out) == train_losses(reference)  # the same tokens as the uninterrupted run, bit for bit
+    resumed = train_losses(out)
+    assert resumed == {s: loss for s, loss in train_losses(reference).items() if s >= 5}  # the same tokens, bit for bit
     (partial / "t_train_000001.npy").unlink()  # a shard it was reading is gone: that cannot go on
-    r = run_script("train.py", *tiny(partial, out, "--max-steps", 15, "--resume"))
+    r = cli("train.py", *tiny(partial, out, "--max-steps", 15, "--resume"))
     one_line_error(r, "does not match this data: shard 1 of the 1 it read was t_train_000001.npy, here it is "
                       "t_train_000002.npy")  # fmt: skip

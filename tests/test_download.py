@@ -12,31 +12,14 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import DOWNLOADER, ROOT, cli, make_corpus, wait_until
 from utils import EOT, get_tokenizer
 
-SCRIPT = os.path.join(ROOT, "download-fineweb-edu.py")
-WORDS = "the of and to in is was for on that with as by at from it an be this which or are have not had".split()
-
-
-def make_corpus(path, n_docs, seed=0, min_words=10, max_words=300):
-    rng = np.random.default_rng(seed)
-    texts = []
-    for i in range(n_docs):
-        words = rng.choice(WORDS, rng.integers(min_words, max_words))
-        texts.append(f"Document {i}: " + " ".join(words) + ".")
-    texts[3] = ""  # an empty document still gets its EOT
-    texts[5] = "Ünïcödé, emoji 🙂 and a literal <|endoftext|> inside the text."
-    with open(path, "w") as f:
-        for t in texts:
-            f.write(json.dumps(dict(id=len(t), text=t)) + "\n")
-    return texts
+SCRIPT = os.path.join(ROOT, DOWNLOADER)
 
 
 def run(*args, env=None):
-    return subprocess.run(
-        [sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, env=env, timeout=300
-    )
+    return cli(DOWNLOADER, *args, env=env)
 
 
 def shard_files(out_dir):
@@ -56,19 +39,15 @@ def split_at_eot(stream):
     return [stream[s + 1 : e] for s, e in zip(starts, [*starts[1:], len(stream)])]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    return path, make_corpus(path, 400)
-
-
-@pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory):
+@pytest.fixture(scope="session")
+def reference(downloaded):
     """An uninterrupted run with 1 worker."""
-    out = tmp_path_factory.mktemp("ref") / "out"
-    r = run("--data-files", corpus[0], "--out-dir", out, "--shard-size", 3000, "--workers", 1)
-    assert r.returncode == 0, r.stderr
-    return out
+    return downloaded[2]
+
+
+@pytest.fixture(scope="session")
+def corpus(downloaded):
+    return downloaded[:2]
 
 
 def test_every_document_exactly_once_with_eot_layout(corpus, reference):
@@ -188,26 +167,20 @@ def test_resume_after_real_sigkills(tmp_path):
     ref = tmp_path / "ref"
     assert run(*args, "--out-dir", ref).returncode == 0
     out = tmp_path / "out"
-    kills = 0
+
+    def shards_written():
+        try:
+            return len(json.loads((out / "manifest.json").read_text())["shards"])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            return 0
+
     for wait_for_shards in (2, 8, 20):
-        proc = subprocess.Popen(
-            [sys.executable, SCRIPT, *map(str, args), "--out-dir", out],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.time() + 120
-        while proc.poll() is None and time.time() < deadline:
-            try:
-                n = len(json.loads((out / "manifest.json").read_text())["shards"])
-            except (FileNotFoundError, json.JSONDecodeError, KeyError):
-                n = 0
-            if n >= wait_for_shards:
-                os.kill(proc.pid, signal.SIGKILL)
-                kills += 1
-                break
-            time.sleep(0.005)
-        proc.wait()
-    assert kills >= 2
+        proc = subprocess.Popen([sys.executable, SCRIPT, *map(str, args), "--out-dir", out],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        wait_until(lambda n=wait_for_shards, p=proc: shards_written() >= n or p.poll() is not None,
+                   f"{wait_for_shards} shards written", timeout=120, interval=0.005)  # fmt: skip
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL, "the run ended before the kill"
     assert not json.loads((out / "manifest.json").read_text())["complete"]
     r = run(*args, "--out-dir", out)
     assert r.returncode == 0, r.stderr
@@ -325,7 +298,7 @@ def test_errors_are_one_line(tmp_path, corpus):
 
 
 def test_no_network_for_the_default_source_says_to_use_data_files_at_once_and_creates_nothing(tmp_path):
-    for env in (dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"), None):  # the second: no network here
+    for env in (dict(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"), dict(HF_HUB_OFFLINE=None)):  # no network here
         t0 = time.time()
         r = run("--out-dir", tmp_path / "out", env=env)
         assert r.returncode == 2

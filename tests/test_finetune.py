@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from checkpoint import load_model, read_log
-from conftest import one_thread_env, run_script, tiny, train_losses
+from conftest import cli, ok, one_line_error, one_thread_env, run_script, tiny, train_losses
 from test_checkpoints import write_nanogpt_checkpoint
-from test_faults import one_line_error
 from utils import ShardedDataLoader
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory):
     """A small GPT-2 written by transformers' save_pretrained, its embeddings scaled so that its loss is nothing like
     a new model's."""
@@ -39,13 +38,11 @@ def first_step_loss(spec, data_dir):
         return sum(model(*loader.next_batch())[1] / 4 for _ in range(4)).item()
 
 
-def test_init_from_a_transformers_directory_starts_from_its_weights(data_dir, hf_dir, tmp_path):
-    r = run_script("train.py", *tiny(data_dir, tmp_path / "ft", "--init-from", hf_dir, "--max-steps", 4))
-    assert r.returncode == 0, r.stderr
+def test_init_from_a_transformers_directory_starts_from_its_weights(data_dir, hf_dir, finished_run, tmp_path):
+    ok(cli("train.py", *tiny(data_dir, tmp_path / "ft", "--init-from", hf_dir, "--max-steps", 4)))
     losses = train_losses(tmp_path / "ft")
     assert losses[0] == pytest.approx(first_step_loss(hf_dir, data_dir), rel=1e-6)  # the loaded model's loss
-    assert run_script("train.py", *tiny(data_dir, tmp_path / "new", "--max-steps", 1)).returncode == 0
-    assert abs(losses[0] - train_losses(tmp_path / "new")[0]) > 1.0  # a new GPT would log another loss
+    assert abs(losses[0] - train_losses(finished_run)[0]) > 1.0  # a new GPT logs another loss
     config = json.loads((tmp_path / "ft" / "log.jsonl").read_text().splitlines()[0])
     assert (config["init_from"], config["n_layer"], config["n_embd"]) == (str(hf_dir), 2, 32)  # the weights' shape
     ckpt = torch.load(tmp_path / "ft" / "ckpt_000004.pt", weights_only=False)
@@ -54,8 +51,7 @@ def test_init_from_a_transformers_directory_starts_from_its_weights(data_dir, hf
 
 def test_init_from_a_nanogpt_checkpoint_trains(data_dir, tmp_path):
     write_nanogpt_checkpoint(tmp_path / "nanogpt", bias=False, compiled=True)
-    r = run_script("train.py", *tiny(data_dir, tmp_path / "ft", "--init-from", tmp_path / "nanogpt", "--max-steps", 3))
-    assert r.returncode == 0, r.stderr
+    ok(cli("train.py", *tiny(data_dir, tmp_path / "ft", "--init-from", tmp_path / "nanogpt", "--max-steps", 3)))
     assert train_losses(tmp_path / "ft")[0] == pytest.approx(first_step_loss(tmp_path / "nanogpt", data_dir), rel=1e-6)
     ckpt = torch.load(tmp_path / "ft" / "ckpt_000003.pt", weights_only=False)
     assert (ckpt["model_config"]["bias"], ckpt["model_config"]["gelu"], ckpt["config"]["n_head"]) == (False, "exact", 4)
@@ -64,23 +60,22 @@ def test_init_from_a_nanogpt_checkpoint_trains(data_dir, tmp_path):
 def test_a_resumed_fine_tune_continues_from_its_own_checkpoint_exactly(data_dir, hf_dir, tmp_path):
     init = tmp_path / "init"
     shutil.copytree(hf_dir, init)
-    args = ["--init-from", init, "--max-steps", 10, "--checkpoint-interval", 5, "--sample-interval", 0]
-    assert run_script("train.py", *tiny(data_dir, tmp_path / "straight", *args), env=one_thread_env()).returncode == 0
+    args = ["--init-from", init, "--max-steps", 6, "--checkpoint-interval", 3, "--sample-interval", 0]
+    ok(cli("train.py", *tiny(data_dir, tmp_path / "straight", *args), threads=1))
     (tmp_path / "resumed").mkdir()
-    shutil.copy(tmp_path / "straight" / "ckpt_000005.pt", tmp_path / "resumed")
+    shutil.copy(tmp_path / "straight" / "ckpt_000003.pt", tmp_path / "resumed")
     shutil.rmtree(init)  # the resume reads its checkpoint, never the init weights again
-    r = run_script("train.py", *tiny(data_dir, tmp_path / "resumed", *args, "--resume"), env=one_thread_env())
-    assert r.returncode == 0, r.stderr
+    ok(cli("train.py", *tiny(data_dir, tmp_path / "resumed", *args, "--resume"), threads=1))
     straight = train_losses(tmp_path / "straight")
-    assert train_losses(tmp_path / "resumed") == {step: straight[step] for step in range(5, 10)}
+    assert train_losses(tmp_path / "resumed") == {step: straight[step] for step in range(3, 6)}
 
 
 def test_a_bad_init_spec_or_a_contradicting_flag_is_one_line(data_dir, hf_dir, tmp_path):
-    r = run_script("train.py", *tiny(data_dir, tmp_path / "a", "--init-from", "no-such-model"))
+    r = cli("train.py", *tiny(data_dir, tmp_path / "a", "--init-from", "no-such-model"))
     one_line_error(r, "no model 'no-such-model': give a checkpoint .pt, an out dir, a transformers directory")
-    r = run_script("train.py", *tiny(data_dir, tmp_path / "b", "--init-from", hf_dir, "--n-layer", 3))
+    r = cli("train.py", *tiny(data_dir, tmp_path / "b", "--init-from", hf_dir, "--n-layer", 3))
     one_line_error(r, f"--n-layer 3 contradicts --init-from {hf_dir}, whose weights have --n-layer 2")
-    r = run_script("train.py", *tiny(data_dir, tmp_path / "c", "--init-from", hf_dir, "--seq-len", 128))
+    r = cli("train.py", *tiny(data_dir, tmp_path / "c", "--init-from", hf_dir, "--seq-len", 128))
     one_line_error(r, f"--seq-len 128 is longer than the context of --init-from {hf_dir} (64 tokens)")
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import hellaswag
 from checkpoint import load_model
-from conftest import run_script, torchrun
+from conftest import cli, ok, torchrun
 from hellaswag import synthetic_examples
 from utils import UserError, get_tokenizer
 
@@ -128,20 +128,8 @@ def test_results_do_not_depend_on_batch_size(tiny_checkpoint, data_file):
 
 def test_script_writes_the_contract_json_and_a_table(tiny_checkpoint, data_file, tmp_path):
     ckpt = tiny_checkpoint()
-    r = run_script(
-        "hellaswag.py",
-        "--model",
-        ckpt.parent,
-        "--data-file",
-        data_file,
-        "--limit",
-        25,
-        "--out",
-        tmp_path / "r.json",
-        "--device",
-        "cpu",
-    )
-    assert r.returncode == 0, r.stderr
+    r = ok(cli("hellaswag.py", "--model", ckpt.parent, "--data-file", data_file, "--limit", 25, "--out",
+               tmp_path / "r.json", "--device", "cpu"))  # fmt: skip
     results = json.loads((tmp_path / "r.json").read_text())
     assert {"examples", "acc", "acc_norm", "harness_acc", "harness_acc_norm"} <= set(results)
     assert results["examples"] == 25
@@ -154,8 +142,7 @@ def test_script_writes_the_contract_json_and_a_table(tiny_checkpoint, data_file,
 def test_two_processes_equal_one(tiny_checkpoint, data_file, tmp_path):
     ckpt = tiny_checkpoint()
     args = ["--model", ckpt, "--data-file", data_file, "--device", "cpu", "--limit", 31]
-    one = run_script("hellaswag.py", *args, "--out", tmp_path / "one.json")
-    assert one.returncode == 0, one.stderr
+    ok(cli("hellaswag.py", *args, "--out", tmp_path / "one.json"))
     cmd = torchrun("hellaswag.py", *args, "--out", tmp_path / "two.json")
     two = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr
@@ -187,8 +174,10 @@ def test_bad_data_files_name_line_and_field(tmp_path):
         hellaswag.load_examples(tmp_path / "nope.jsonl")
 
 
-def test_script_errors_are_one_line(tmp_path, data_file):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+def test_script_errors_are_one_line(tmp_path, data_file, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # HF_HUB_OFFLINE=1, as huggingface_hub read it at import
     cases = [
         (["--model", tmp_path / "missing.pt"], f"error: checkpoint {tmp_path / 'missing.pt'} does not exist"),
         (["--model", tmp_path], f"error: {tmp_path} holds no checkpoint (ckpt_NNNNNN.pt, nanoGPT's ckpt.pt"),
@@ -196,7 +185,7 @@ def test_script_errors_are_one_line(tmp_path, data_file):
         (["--model", "gpt2"], "error: could not fetch 'gpt2' from the Hugging Face hub"),
     ]
     for args, message in cases:
-        r = run_script("hellaswag.py", *args, "--data-file", data_file, "--device", "cpu", env=env)
+        r = cli("hellaswag.py", *args, "--data-file", data_file, "--device", "cpu", env=dict(HF_HUB_OFFLINE="1"))
         assert r.returncode == 2, r.stderr
         assert r.stderr.strip().splitlines()[-1].startswith(message) and "Traceback" not in r.stderr, r.stderr
 

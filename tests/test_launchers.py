@@ -7,8 +7,19 @@ import subprocess
 import time
 
 from checkpoint import read_jsonl
-from conftest import ROOT, one_thread_env, process_table, tiny, torchrun, train_losses
-from test_faults import wait_for_step
+from conftest import (
+    ROOT,
+    Started,
+    cli,
+    descendants,
+    ok,
+    one_thread_env,
+    process_table,
+    tiny,
+    torchrun,
+    train_losses,
+    wait_gone,
+)
 
 
 def test_ranks_whose_torchrun_is_killed_stop_within_seconds_with_a_checkpoint_and_free_the_out_dir(data_dir, tmp_path):
@@ -18,50 +29,35 @@ def test_ranks_whose_torchrun_is_killed_stop_within_seconds_with_a_checkpoint_an
         return tiny(data_dir, out, "--max-steps", max_steps, "--checkpoint-interval", 0, "--eval-interval", 0,
                     "--sample-interval", 0, *extra)  # fmt: skip
 
-    proc = subprocess.Popen(torchrun("train.py", *args(10_000)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)  # fmt: skip
-    wait_for_step(out, 3, proc)
-    ranks = [pid for pid, (parent, _) in process_table().items() if parent == proc.pid]  # in sessions of their own
+    run = Started(torchrun("train.py", *args(10_000)), start_new_session=True)
+    run.wait_for_step(2)
+    ranks = [pid for pid, (parent, _) in process_table().items() if parent == run.pid]  # in sessions of their own
     assert len(ranks) == 2
-    os.kill(proc.pid, signal.SIGKILL)  # the launcher only: its ranks are left with no one to supervise them
-    t0 = time.time()
-    while any(pid in process_table() for pid in ranks) and time.time() - t0 < 60:
-        time.sleep(0.2)
-    assert not any(pid in process_table() for pid in ranks), "ranks still running a minute after torchrun was killed"
-    stdout, stderr = proc.communicate()
+    os.kill(run.pid, signal.SIGKILL)  # the launcher only: its ranks are left with no one to supervise them
+    assert not wait_gone(ranks, timeout=60), "ranks still running a minute after torchrun was killed"
+    r = run.finish()
     last = max(train_losses(out))
-    assert f"stopped by SIGTERM after step {last}" in stdout, stdout[-2000:] + stderr[-2000:]
+    assert f"stopped by SIGTERM after step {last}" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
     assert [p.name for p in out.glob("ckpt_*")] == [f"ckpt_{last + 1:06d}.pt"]  # as if preempted
-    r = subprocess.run(torchrun("train.py", *args(last + 3, "--resume")), capture_output=True, text=True, timeout=300,
-                       cwd=ROOT)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]  # the lock went with the ranks
-    assert max(train_losses(out)) > last
+    ok(cli("train.py", *args(last + 3, "--resume")))  # the lock went with the ranks (on one process: a checkpoint
+    assert max(train_losses(out)) > last  # does not depend on the number of processes)
 
 
 def start_train_sh(data_dir, out, total_batch=8192, **env):
-    """train.sh with two ranks under torchrun on the CPU, each step about 3 s (32 micro-steps of accumulation)."""
+    """train.sh with two ranks under torchrun on the CPU; a step is total_batch / 512 micro-steps of accumulation."""
     args = tiny(data_dir, out, "--max-steps", 10_000, "--total-batch", total_batch, "--checkpoint-interval", 0,
                 "--eval-interval", 0, "--sample-interval", 0)  # fmt: skip
-    return subprocess.Popen([os.path.join(ROOT, "train.sh"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, NGPU="2", PYTHONUNBUFFERED="1", **env))  # fmt: skip
+    return Started([os.path.join(ROOT, "train.sh"), *args], env=dict(os.environ, NGPU="2", **env))
 
 
-def descendants(pid):
-    """The processes under pid (children, theirs, ...): train.sh's torchrun and the ranks under it."""
-    table, found = process_table(), [pid]
-    for p in found:
-        found += [child for child, (parent, _) in table.items() if parent == p]
-    return found[1:]
-
-
-def check_stopped(proc, out, signum, since, within):
+def check_stopped(run, out, signum, since, within):
     """train.sh exited with the signal's status, after the ranks wrote the checkpoint of the steps they finished."""
-    stdout, stderr = proc.communicate(timeout=300)
+    r = run.finish(timeout=300)
     elapsed, last = time.time() - since, max(train_losses(out))
-    assert proc.returncode == 128 + signum, (proc.returncode, stdout[-2000:], stderr[-3000:])
-    assert "forcefully exiting" not in stderr, stderr[-3000:]  # torchrun's word for ranks it killed at the grace's end
-    assert [p.name for p in out.glob("ckpt_*")] == [f"ckpt_{last + 1:06d}.pt"], stderr[-3000:]
-    assert f"stopped by {signal.Signals(signum).name} after step {last}" in stdout
+    assert r.returncode == 128 + signum, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
+    assert "forcefully exiting" not in r.stderr, r.stderr[-3000:]  # torchrun's word for ranks killed at the grace's end
+    assert [p.name for p in out.glob("ckpt_*")] == [f"ckpt_{last + 1:06d}.pt"], r.stderr[-3000:]
+    assert f"stopped by {signal.Signals(signum).name} after step {last}" in r.stdout
     assert read_jsonl(out / "log.jsonl")[-1]["event"] == "stopped"
     assert elapsed < within, elapsed
     return elapsed
@@ -75,12 +71,11 @@ def test_sigterm_to_train_sh_stops_the_ranks_inside_a_step_longer_than_the_grace
     """Kubernetes signals only the container's first process. Steps of about 7 s (64 micro-steps), torchrun's grace
     4 s: the ranks stop at the next micro-step, so they have written the checkpoint and ended before it is over."""
     out = tmp_path / "run"
-    proc = start_train_sh(data_dir, out, total_batch=16384, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="4")
-    wait_for_step(out, 1, proc, timeout=300)
-    time.sleep(0.5)  # inside the next step
+    run = start_train_sh(data_dir, out, total_batch=16384, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="4")
+    run.wait_for_step(0, timeout=300)  # the next step has begun
     t0 = time.time()
-    proc.send_signal(signal.SIGTERM)  # to train.sh alone
-    elapsed = check_stopped(proc, out, signal.SIGTERM, t0, within=30)
+    run.send_signal(signal.SIGTERM)  # to train.sh alone
+    elapsed = check_stopped(run, out, signal.SIGTERM, t0, within=30)
     assert slowest_step_s(out) > 4  # the steps are longer than the grace: a stop at the step's end would be killed
     print(f"SIGTERM inside {slowest_step_s(out):.1f} s steps with a 4 s grace: the checkpoint written, train.sh "
           f"exited 143 {elapsed:.1f} s later")  # fmt: skip
@@ -90,30 +85,29 @@ def test_a_signal_to_every_process_at_once_as_slurm_sends_it_is_one_stop(data_di
     """SLURM signals every process of the job: train.sh, torchrun and the ranks, which then get it again from
     torchrun. Before the ranks took a repeat as the same stop, the second one killed them without a checkpoint."""
     out = tmp_path / "run"
-    proc = start_train_sh(data_dir, out, total_batch=16384, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="4")
-    wait_for_step(out, 1, proc, timeout=300)
-    time.sleep(0.5)  # inside the next step
+    run = start_train_sh(data_dir, out, total_batch=16384, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="4")
+    run.wait_for_step(0, timeout=300)  # the next step has begun
     t0 = time.time()
-    for pid in [proc.pid, *descendants(proc.pid)]:
+    for pid in [run.pid, *descendants(run.pid)]:
         os.kill(pid, signal.SIGTERM)
-    check_stopped(proc, out, signal.SIGTERM, t0, within=30)
+    check_stopped(run, out, signal.SIGTERM, t0, within=30)
     assert slowest_step_s(out) > 4
 
 
 def test_train_sh_killed_with_kill_9_stops_torchrun_and_the_ranks_with_a_checkpoint(data_dir, tmp_path):
     """torchrun runs under train.sh with a parent-death signal: train.sh gone, torchrun stops the ranks gracefully."""
     out = tmp_path / "run"
-    proc = start_train_sh(data_dir, out, total_batch=2048)
-    wait_for_step(out, 2, proc, timeout=300)
-    below = descendants(proc.pid)
+    run = start_train_sh(data_dir, out, total_batch=2048)
+    run.wait_for_step(1, timeout=300)
+    below = descendants(run.pid)
     assert len(below) == 3  # torchrun and two ranks
-    proc.kill()
+    run.proc.kill()
     t0 = time.time()
-    stdout, stderr = proc.communicate(timeout=120)  # until the last of them, which share its pipes, has ended
-    assert not set(below) & set(process_table()), "torchrun or a rank outlived train.sh"
+    r = run.finish()  # until the last of them, which share its pipes, has ended
+    assert not wait_gone(below, timeout=10), "torchrun or a rank outlived train.sh"
     last = max(train_losses(out))
-    assert [p.name for p in out.glob("ckpt_*")] == [f"ckpt_{last + 1:06d}.pt"], stderr[-3000:]
-    assert f"stopped by SIGTERM after step {last}" in stdout
+    assert [p.name for p in out.glob("ckpt_*")] == [f"ckpt_{last + 1:06d}.pt"], r.stderr[-3000:]
+    assert f"stopped by SIGTERM after step {last}" in r.stdout
     assert time.time() - t0 < 60
 
 
@@ -128,27 +122,26 @@ def rank_of(pid):
 
 def test_a_rank_killed_under_max_restarts_is_started_again_and_the_job_ends_as_unbroken_runs_do(data_dir, tmp_path):
     def args(out):
-        return tiny(data_dir, out, "--max-steps", 16, "--checkpoint-interval", 4, "--eval-interval", 0,
+        return tiny(data_dir, out, "--max-steps", 12, "--checkpoint-interval", 4, "--eval-interval", 0,
                     "--sample-interval", 0)  # fmt: skip
 
-    env = dict(one_thread_env(), NGPU="2", MAX_RESTARTS="1", PYTHONUNBUFFERED="1")
+    env = dict(one_thread_env(), NGPU="2", MAX_RESTARTS="1")
     train_sh = os.path.join(ROOT, "train.sh")
-    r = subprocess.run([train_sh, *args(tmp_path / "straight")], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    straight = Started([train_sh, *args(tmp_path / "straight")], env=env)
     out = tmp_path / "run"
-    proc = subprocess.Popen([train_sh, *args(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)  # fmt: skip
-    wait_for_step(out, 9, proc)  # past the checkpoint written after step 7
-    ranks = {rank_of(pid): pid for pid in descendants(proc.pid) if "RANK" in environ_of(pid)}
+    run = Started([train_sh, *args(out)], env=env, start_new_session=True)  # side by side: 2 ranks on 2 cores each
+    run.wait_for_step(5)  # past the checkpoint written after step 3
+    ranks = {rank_of(pid): pid for pid in descendants(run.pid) if "RANK" in environ_of(pid)}
     assert sorted(ranks) == [0, 1]
     os.kill(ranks[0], signal.SIGKILL)  # the rank that logs and writes the checkpoints
     t0 = time.time()
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-9000:]  # the job finished on its own
+    r = run.finish(timeout=300)
+    assert r.returncode == 0, r.stderr[-9000:]  # the job finished on its own
+    assert straight.finish(timeout=300).returncode == 0
     resumes = [r for r in read_jsonl(out / "log.jsonl") if r.get("event") == "resume"]
-    assert len(resumes) == 1 and resumes[0]["step"] in (8, 12), resumes
+    assert len(resumes) == 1 and resumes[0]["step"] in (4, 8), resumes
     assert train_losses(out) == train_losses(tmp_path / "straight")  # every step, as if never killed
-    print(f"rank 0 killed after step 9: resumed at step {resumes[0]['step']}, done {time.time() - t0:.1f} s later")
+    print(f"rank 0 killed after step 5: resumed at step {resumes[0]['step']}, done {time.time() - t0:.1f} s later")
 
 
 def test_train_sh_under_slurm_finds_the_nodes_itself_and_passes_max_restarts(tmp_path, monkeypatch):

@@ -15,11 +15,10 @@ import time
 import numpy as np
 import pytest
 
+from conftest import DOWNLOADER, ROOT, SOAK, cli, wait_until
 from conftest import HUB_SHA as SHA
-from conftest import ROOT, run_script
 from utils import load_script
 
-DOWNLOADER = "download-fineweb-edu.py"
 N_FILES = 6
 
 
@@ -27,15 +26,23 @@ def urls(server):
     return [f"{server.url}/files/corpus/{name}" for name in server.files]
 
 
-def run(*args, env=None, timeout=300):
-    return run_script(DOWNLOADER, *args, "--shard-size", 4000, "--workers", 2, env=env, timeout=timeout)
+def run(*args):
+    return cli(DOWNLOADER, *args, "--shard-size", 4000, "--workers", 2)
+
+
+def last_position(out):
+    """Where the shards written so far end, (file, row), as the manifest says."""
+    try:
+        return json.loads((out / "manifest.json").read_text())["shards"][-1]["next_position"]
+    except (OSError, ValueError, IndexError):
+        return [0, 0]
 
 
 def shards(out_dir):
     return {n: (out_dir / n).read_bytes() for n in sorted(os.listdir(out_dir)) if n.endswith(".npy")}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def local_reference(server, tmp_path_factory):
     """The same parquet files read from disk."""
     out = tmp_path_factory.mktemp("local") / "out"
@@ -112,18 +119,12 @@ def test_a_resume_after_kill_9_fetches_none_of_the_finished_files(server, local_
     server.delay = 0.03  # a slow network, so that the kill lands mid-run
     cmd = [sys.executable, os.path.join(ROOT, DOWNLOADER), "--data-files", *urls(server), "--out-dir", str(out)]
     proc = subprocess.Popen([*cmd, "--shard-size", "4000", "--workers", "2"], stderr=subprocess.PIPE, cwd=ROOT)
-    position = [0, 0]
-    deadline = time.time() + 120
-    while position[0] < N_FILES - 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-        try:
-            position = json.loads((out / "manifest.json").read_text())["shards"][-1]["next_position"]
-        except (OSError, ValueError, IndexError):
-            pass
+    wait_until(lambda: last_position(out)[0] >= N_FILES - 2 or proc.poll() is not None,
+               f"the shards of {N_FILES - 2} files written", timeout=120)  # fmt: skip
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
-    position = json.loads((out / "manifest.json").read_text())["shards"][-1]["next_position"]
+    position = last_position(out)
     assert N_FILES - 2 <= position[0] < N_FILES
     server.delay = 0.0
     server.reset_counts()
@@ -142,9 +143,7 @@ def test_ctrl_c_while_downloading_is_one_line_and_the_rerun_continues(server, lo
     # Ctrl-C as in a terminal: a shell that starts jobs in the background hands them SIGINT ignored
     proc = subprocess.Popen([*cmd, "--shard-size", "4000", "--workers", "1"], stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(out.glob("*_train_*.npy")):
-        time.sleep(0.05)
+    wait_until(lambda: list(out.glob("*_train_*.npy")), "a train shard written", timeout=120)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
@@ -154,17 +153,26 @@ def test_ctrl_c_while_downloading_is_one_line_and_the_rerun_continues(server, lo
     assert shards(out) == shards(local_reference)
 
 
-def hub_env(server, **extra):
-    env = dict(os.environ, HF_ENDPOINT=server.url, HF_TOKEN="hf_loopbacktoken", **extra)
-    env.pop("HF_HUB_OFFLINE", None)
-    return env
+@pytest.fixture
+def hub(server, monkeypatch):
+    """The hub the downloader talks to is the loopback model, with a token: HF_ENDPOINT, which huggingface_hub also
+    keeps in a constant from when it was imported."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setenv("HF_TOKEN", "hf_loopbacktoken")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return server
 
 
-def test_the_default_source_lists_the_configs_parquet_files_through_huggingface_hub(server, local_reference, tmp_path):
+def test_the_default_source_lists_the_configs_parquet_files_through_huggingface_hub(hub, local_reference, tmp_path):
+    server = hub
     server.fault(r"^/api/datasets/test-org/edu/tree/", status=503)  # the listing is retried too
     out = tmp_path / "out"
     args = ["--dataset", "test-org/edu", "--name", "sample-tiny", "--out-dir", out, "--retry-wait", 0.01]
-    r = run(*args, env=hub_env(server))
+    r = run(*args)
     assert r.returncode == 0, r.stderr
     assert shards(out) == shards(local_reference)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -182,26 +190,26 @@ def test_the_default_source_lists_the_configs_parquet_files_through_huggingface_
     manifest["complete"] = False
     (out / "manifest.json").write_text(json.dumps(manifest))
     server.reset_counts()
-    r = run(*args, env=hub_env(server))
+    r = run(*args)
     assert r.returncode == 0, r.stderr
     assert shards(out) == shards(local_reference)
     assert not any(r.path.startswith("/api/datasets/") for r in server.requests)
 
 
-def test_hf_paths_with_globs_and_a_missing_config(server, local_reference, tmp_path):
-    r = run("--data-files", "hf://datasets/test-org/edu/sample/tiny/*.parquet", "--out-dir", tmp_path / "glob",
-            env=hub_env(server))  # fmt: skip
+def test_hf_paths_with_globs_and_a_missing_config(hub, local_reference, tmp_path):
+    server = hub
+    r = run("--data-files", "hf://datasets/test-org/edu/sample/tiny/*.parquet", "--out-dir", tmp_path / "glob")
     assert r.returncode == 0, r.stderr
     assert shards(tmp_path / "glob") == shards(local_reference)
     one = f"hf://datasets/test-org/edu@{SHA}/sample/tiny/{server.files[0]}"  # a single file, pinned to a commit
-    r = run("--data-files", one, "--out-dir", tmp_path / "one", env=hub_env(server))
+    r = run("--data-files", one, "--out-dir", tmp_path / "one")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "one" / "manifest.json").read_text())["files"] == [one]
-    r = run("--dataset", "test-org/edu", "--name", "sample-huge", "--out-dir", tmp_path / "x", env=hub_env(server))
+    r = run("--dataset", "test-org/edu", "--name", "sample-huge", "--out-dir", tmp_path / "x")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
         "error: test-org/edu has no config 'sample-huge' (configs: sample-tiny, default)"
     )
-    r = run("--dataset", "test-org/nothing", "--out-dir", tmp_path / "x", env=hub_env(server))
+    r = run("--dataset", "test-org/nothing", "--out-dir", tmp_path / "x")
     assert r.returncode == 2 and "cannot download hf://datasets/test-org/nothing@main: HTTP 404" in r.stderr
     assert not (tmp_path / "x").exists()
 
@@ -268,13 +276,13 @@ def test_a_download_stalled_by_a_dribbling_server_goes_on_after_the_stall_time(s
 
 
 def test_no_moment_of_ctrl_c_hangs_a_download_over_a_bad_network(server, tmp_path):
-    """Twenty tries at random moments of a download over a WAN whose server dribbles, goes silent and drops
+    """Tries at random moments (SOAK of them) of a download over a WAN whose server dribbles, goes silent and drops
     connections: every one ends within seconds with the one-line message (or is done), and leaves no process."""
     from test_processes import assert_nothing_left, tokenizer_processes
 
     rng = random.Random(0)
     server.wan(delay=0.05, connect_delay=0.15, connection_rate=2e6, link_rate=6e6)
-    for attempt in range(20):
+    for attempt in range(SOAK):
         server.faults.clear()
         server.fault(server.files[rng.randrange(6)], mode="dribble", every=1.0, count=50)
         server.fault(server.files[rng.randrange(6)], mode="silent", every=60, count=50)
@@ -285,7 +293,7 @@ def test_no_moment_of_ctrl_c_hangs_a_download_over_a_bad_network(server, tmp_pat
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)  # fmt: skip
         assert tokenizer_processes(proc), "the tokenizer processes never started"
-        time.sleep(rng.uniform(0, 3.0))
+        time.sleep(rng.uniform(0, 3.0))  # the moment
         with contextlib.suppress(ProcessLookupError):  # the run was over already
             os.killpg(proc.pid, signal.SIGINT)
         t0 = time.time()

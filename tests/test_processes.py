@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, session_processes
+from conftest import ROOT, SOAK, session_processes, wait_gone, wait_until
+from utils import load_script
 
 WORDS = "the of and to in is was for on that with as by at from it an be this which or are have not had".split()
 
@@ -40,24 +41,24 @@ def start(corpus_file, out_dir, *extra):
 
 
 def tokenizer_processes(proc, timeout=60):
-    """The tokenizer processes of a running downloader (the children of its fork server), once they exist."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
+    """The tokenizer processes of a running downloader (the children of its fork server), once both exist; [] if the
+    downloader ended first."""
+
+    def both():
+        if proc.poll() is not None:
+            return ["ended"]
         tree = session_processes(proc.pid)
         servers = [p for p, parent in tree.items() if parent == proc.pid and p != proc.pid]
         workers = [p for p, parent in tree.items() if parent in servers]
-        if len(workers) == 2:
-            return workers
-        time.sleep(0.1)
-    return []
+        return workers if len(workers) == 2 else None
+
+    found = wait_until(both, "the tokenizer processes started", timeout, interval=0.05)
+    return [] if found == ["ended"] else found
 
 
 def assert_nothing_left(proc, timeout=10):
-    """Within seconds of the downloader's end, no process of its session is left."""
-    deadline = time.time() + timeout
-    while session_processes(proc.pid) and time.time() < deadline:
-        time.sleep(0.1)
-    left = session_processes(proc.pid)
+    """Within seconds of the downloader's end, no process of its session is left (each one's end is watched)."""
+    left = wait_gone(list(session_processes(proc.pid)), timeout)
     assert not left, f"left behind: {[open(f'/proc/{p}/cmdline').read()[:100] for p in left]}"
 
 
@@ -98,13 +99,13 @@ def test_no_process_outlives_the_downloader_however_it_ends(corpus, tmp_path, ho
 
 @pytest.mark.parametrize("how", ["ctrl_c", "worker_killed"])
 def test_no_moment_of_ctrl_c_or_of_a_dying_worker_hangs_the_downloader(corpus, tmp_path, how):
-    """Twenty tries each, at random moments of the run: every one ends within seconds, and leaves nothing."""
+    """Tries at random moments of the run (SOAK of them): every one ends within seconds, and leaves nothing."""
     rng = random.Random(0)
-    for attempt in range(20):
+    for attempt in range(SOAK):
         proc = start(corpus / "big.jsonl", tmp_path / f"out{attempt}")
         workers = tokenizer_processes(proc)
         assert workers, "the tokenizer processes never started"
-        time.sleep(rng.uniform(0, 1.0))
+        time.sleep(rng.uniform(0, 1.0))  # the moment
         try:
             if how == "ctrl_c":
                 os.killpg(proc.pid, signal.SIGINT)
@@ -120,6 +121,27 @@ def test_no_moment_of_ctrl_c_or_of_a_dying_worker_hangs_the_downloader(corpus, t
         # 0: the run was done; -2: Ctrl-C reached the interpreter as it exited, after everything was written
         assert proc.returncode in ((130, 0, -2) if how == "ctrl_c" else (2, 0)), (attempt, err[-2000:])
         assert_nothing_left(proc)
+
+
+def test_a_stop_while_the_tokenizer_processes_start_stops_those_already_started(monkeypatch):
+    """SIGTERM or Ctrl-C can come while the pool is still starting its processes: the ones started are stopped before
+    the stop goes on, so that none is left to fail on what the downloader cleans up on its way out."""
+    import multiprocessing.context
+
+    downloader = load_script("download-fineweb-edu")
+    started, real_start = [], multiprocessing.context.ForkServerProcess.start
+
+    def start_then_stop(process):
+        real_start(process)
+        started.append(process)
+        if len(started) == 2:
+            raise KeyboardInterrupt  # the signal, just after the second process started
+
+    monkeypatch.setattr(multiprocessing.context.ForkServerProcess, "start", start_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        downloader.TokenizerPool(3)
+    assert len(started) == 2 and not any(p.is_alive() for p in started)
+    assert all(p.exitcode is not None for p in started)  # waited for, not only signalled
 
 
 def test_ctrl_c_while_the_downloader_is_still_importing_is_the_one_line_exit(corpus, tmp_path):

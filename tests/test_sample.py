@@ -8,13 +8,12 @@ import torch
 import model as model_module
 import sample
 from checkpoint import load_model
-from conftest import run_script
+from conftest import cli, ok
 from utils import EOT, get_tokenizer
 
 
 def sample_json(ckpt, tmp_path, *args, name="out.json"):
-    r = run_script("sample.py", "--model", ckpt, "--device", "cpu", "--out", tmp_path / name, *args)
-    assert r.returncode == 0, r.stderr
+    r = ok(cli("sample.py", "--model", ckpt, "--device", "cpu", "--out", tmp_path / name, *args))
     return json.loads((tmp_path / name).read_text()), r
 
 
@@ -140,6 +139,6 @@ def test_errors_are_one_line(tiny_checkpoint, tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     cases.append((["--model", tmp_path / "broken.pt"], f"error: cannot read checkpoint {tmp_path / 'broken.pt'}"))
     for args, message in cases:
-        r = run_script("sample.py", *args, "--device", "cpu")
+        r = cli("sample.py", *args, "--device", "cpu")
         assert r.returncode == 2, r.stderr
         assert r.stderr.strip().splitlines()[-1].startswith(message) and "Traceback" not in r.stderr, r.stderr
