@@ -36,21 +36,25 @@ from torch.profiler import ProfilerActivity, profile
 import hellaswag
 import sample
 import train
-from checkpoint import check_output_path, load_model, pick_device, read_log
-from model import GPT, GPTConfig, is_cuda, peak_flops
+from checkpoint import read_log
+from model import GPT, GPTConfig
 from utils import (
     EOT,
     ROOT,
     ShardedDataLoader,
     UserError,
     check_flags,
+    check_output_path,
     first_line,
     get_tokenizer,
+    is_cuda,
     load_script,
     parse_count,
+    pick_device,
     run_cli,
     write_json,
 )
+from weights import load_model
 
 downloader = load_script("download-fineweb-edu")
 
@@ -355,7 +359,7 @@ def measure_train_steps(
 
     def step():
         t0 = time.perf_counter()
-        loss, norm = train.train_step(run_model, optimizer, loader.next_batch, grad_accum_steps, device, 6e-4, 1.0)
+        loss, norm = train.train_step(run_model, optimizer, loader, grad_accum_steps, device, 6e-4, 1.0)
         losses.append(loss.item())  # the step's one sync, as in train.py
         times.append(time.perf_counter() - t0)
 
@@ -415,7 +419,6 @@ def check_reference_step(device, quick, data_dir, profile_steps=0):
     total_batch = micro_batches[0] * seq_len * 4  # 4 micro-steps at the larger micro-batch
     steps, warmup = (2, 1) if quick else (5, 3)
     flops_model = GPT(GPTConfig(block_size=seq_len, **shape))
-    peak_flops_per_sec = peak_flops(device)
     variants, profiled = [], None
     for micro_batch, compile_model in [(micro_batches[0], True), (micro_batches[0], False), (micro_batches[1], True)]:
         grad_accum_steps = total_batch // (micro_batch * seq_len)
@@ -432,9 +435,7 @@ def check_reference_step(device, quick, data_dir, profile_steps=0):
                 compiled=compile_model,
                 step_ms=1000 * step_s,
                 tokens_per_sec=tokens_per_sec,
-                mfu=flops_model.estimate_mfu(tokens_per_sec, seq_len, peak_flops_per_sec)
-                if peak_flops_per_sec
-                else None,
+                mfu=train.mfu(flops_model, seq_len, tokens_per_sec, device),
                 first_step_s=times[0],
                 compile_s=times[0] - step_s if compile_model else None,
                 first_loss=losses[0],

@@ -1,20 +1,26 @@
 """
-What keeps a run alive: checkpoints (written atomically, pruned, loaded), the decision where a run starts or resumes,
-the out-dir lock, the stop signal, the RNG state, a log that survives kills, the device and the process group, errors
-that stop every rank, and models loaded from checkpoints of ours, nanoGPT's, build-nanogpt's or transformers' for
-sample.py and hellaswag.py.
+What keeps a run alive: checkpoints (written whole or not at all, pruned, checked before anything is built from
+them), where a run starts (the newest checkpoint that loads, read by rank 0 and sent to every rank) and how it resumes,
+the out dir's lock, stopping (a signal, a launcher gone, an error on one rank: every rank stops together, with a
+checkpoint where one can be written), and the random generators' state.
+
+A checkpoint holds everything the next step depends on: the weights, the optimizer's moments, the loader's position
+and the fingerprints of the shards it reads, every random generator's state. A resumed run goes on with the very
+next batch, on any number of GPUs; on a CPU it logs the same loss at every step as a run never stopped.
 """
 
-import datetime
+import contextlib
 import errno
 import json
 import math
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -22,13 +28,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import GPT, MODEL_SIZES, GPTConfig, is_cuda
-from utils import UserError, atomic_write, first_line, gpt2_bpe_files, when_gone, write_json
+from model import GPT, GPTConfig
+from utils import UserError, atomic_write, first_line, is_cuda
 
 CHECKPOINT_NAME = re.compile(r"^ckpt_(\d{6,})\.pt$")
 # settings a checkpoint cannot continue under; any other change on --resume is allowed and logged
 FIXED_ON_RESUME = ("n_layer", "n_head", "n_embd", "seq_len", "total_batch")
-SHAPE_FLAGS = ("n_layer", "n_head", "n_embd")  # None in a config: the shape of --init-from's weights
 RESUME_KEYS = ("model", "optimizer", "model_config", "config", "step", "train_loader", "rng")
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -41,8 +46,12 @@ class Start:
 
     path: str = None  # the checkpoint's file
     checkpoint: dict = None  # its contents
-    damaged: list = field(default_factory=list)  # names of checkpoints that did not load: never pruned
+    damaged: list = field(default_factory=list)  # names of checkpoints that did not load
     finished: bool = False  # the checkpoint is at --max-steps and the log says the run finished
+
+    @property
+    def step(self):
+        return self.checkpoint["step"] if self.checkpoint else 0
 
 
 def find_start(config):
@@ -70,7 +79,7 @@ def find_start(config):
             "restore one, or start over in another --out-dir"
         )
     if start.checkpoint is not None:
-        step, saved = start.checkpoint["step"], start.checkpoint["config"]
+        step, saved = start.step, start.checkpoint["config"]
         if step > config.max_steps:
             raise UserError(
                 f"{start.path} is at step {step}, past --max-steps {config.max_steps}: "
@@ -86,13 +95,16 @@ def find_start(config):
         log_path = os.path.join(config.out_dir, "log.jsonl")
         if step >= config.max_steps and os.path.exists(log_path):
             start.finished = any(r.get("event") == "finished" and r.get("step") == step for r in read_jsonl(log_path))
+        print(f"resuming from {start.path} (step {step})")
     return start
 
 
 def find_start_on_every_rank(config, master_process, device):
     """Rank 0 decides where the run starts and sends the checkpoint to every rank: other nodes need not see its disk."""
-    start = all_ranks_agree(lambda: vars(find_start(config)) if master_process else None)
-    return Start(**broadcast_from_rank0(start, device))
+    start = Start(**broadcast_from_rank0(fail_together(lambda: vars(find_start(config)) if master_process else None),
+                                         device))  # fmt: skip
+    start.damaged = set(start.damaged)  # never pruned; a good checkpoint written under the same name replaces one
+    return start
 
 
 def check_resumable(checkpoint, path):
@@ -133,17 +145,46 @@ def check_shapes(model_config, state, path):
 
 
 def restore(start, model, optimizer, train_loader, device):
-    """Put the checkpoint's weights, optimizer state, data position and RNG states in place; returns its step and the
-    val loss last measured."""
+    """Put the checkpoint's weights, optimizer state, data position and RNG states in place, on every rank; returns the
+    val loss last measured. The loader must be reading the data the checkpoint was trained on."""
     checkpoint = start.checkpoint
     try:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"{start.path}: its weights do not fit this model ({first_line(e)[:200]})") from e
-    all_ranks_agree(lambda: train_loader.load_state_dict(checkpoint["train_loader"]))
+    fail_together(lambda: train_loader.load_state_dict(checkpoint["train_loader"]))  # each rank its own copy
     set_rng_states(checkpoint["rng"], device)
-    return checkpoint["step"], checkpoint.get("val_loss")
+    return checkpoint.get("val_loss")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run's log, read back: whether a run finished, and a resumed run's steps
+
+
+def read_jsonl(path):
+    """The records of a .jsonl file; a line that does not parse (the last one, cut short by a kill) is skipped."""
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def read_log(path):
+    """log.jsonl's step records merged per step; where a resumed run logged a step again, its record wins."""
+    steps = {}
+    for record in read_jsonl(path):
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and "event" not in record:
+            steps.setdefault(record["step"], {}).update(record)
+    return [steps[s] for s in sorted(steps)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the out dir: one run at a time, and what a kill left half-written
 
 
 def check_out_dir(out_dir):
@@ -162,15 +203,6 @@ def check_out_dir(out_dir):
         os.remove(probe)
     except OSError as e:
         raise UserError(f"cannot write to --out-dir {out_dir}: {e.strerror} ({existing})") from e
-
-
-def check_output_path(path, flag):
-    """Fail before any work if a result could not be written at path (a file, not a directory)."""
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a directory: give a file name")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UserError(f"{flag} {path}: the directory {parent} does not exist")
 
 
 def take_out_dir(out_dir, script="train.py", leftovers=r"ckpt_\d{6,}\.pt|loss\.png"):
@@ -269,6 +301,17 @@ def write_checkpoint(out_dir, state, keep, damaged):
     print(f"saved {path}")
 
 
+def save_run(out_dir, step, model, optimizer, train_loader, device, keep, damaged, master_process, **extra):
+    """ckpt_<step>.pt: everything the next step depends on, so that a resumed run continues exactly where this one
+    stopped. Its weights are checked on every rank (they hold the same ones); rank 0 writes it."""
+    check_weights(model, step, out_dir)
+    if master_process:
+        state = dict(step=step, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                     model_config=asdict(model.config), train_loader=train_loader.state_dict(), rng=rng_states(device),
+                     **extra)  # fmt: skip
+        write_checkpoint(out_dir, state, keep, damaged)
+
+
 def tensor_bytes(obj):
     """About what a checkpoint of obj takes on disk: the bytes of the tensors in it."""
     if isinstance(obj, torch.Tensor):
@@ -277,9 +320,11 @@ def tensor_bytes(obj):
     return sum(tensor_bytes(v) for v in values)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, foreign=()):
+    """A checkpoint's contents, unpickled with weights_only: no code runs. foreign: classes another program pickled
+    in its checkpoints, as (stand-in, name), allowed too."""
     try:
-        with torch.serialization.safe_globals([(ForeignConfig, "__main__.GPTConfig")]):
+        with torch.serialization.safe_globals(list(foreign)):
             # memory-mapped: pages are read as needed and shared by the processes of a node
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError as e:
@@ -309,119 +354,8 @@ def check_weights(model, step, out_dir):
         )
 
 
-def rng_states(device):
-    """Every random generator's state, so that a resumed run draws what the uninterrupted one would have."""
-    np_state = np.random.get_state()  # its array as a list: checkpoints load with weights_only, which has no numpy
-    states = dict(python=random.getstate(), numpy=(np_state[0], np_state[1].tolist(), *np_state[2:]),
-                  torch=torch.get_rng_state())  # fmt: skip
-    if is_cuda(device):
-        states["cuda"] = torch.cuda.get_rng_state(device)  # this GPU's only: a resume may see fewer or more GPUs
-    return states
-
-
-def set_rng_states(states, device):
-    random.setstate(states["python"])
-    np.random.set_state((states["numpy"][0], np.array(states["numpy"][1], dtype=np.uint32), *states["numpy"][2:]))
-    torch.set_rng_state(states["torch"].cpu())
-    if is_cuda(device) and "cuda" in states:  # a checkpoint written on a CPU has none
-        torch.cuda.set_rng_state(states["cuda"].cpu(), device)
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# the run's log: one JSON object per line
-
-
-def append_jsonl(path, record):
-    """Append one record. A line cut short by a kill is ended first, so the new record starts a line of its own."""
-    with open(path, "a+b") as f:
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
-        f.write((json.dumps(record) + "\n").encode())
-
-
-def read_jsonl(path):
-    """The records of a .jsonl file; a line that does not parse (the last one, cut short by a kill) is skipped."""
-    records = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
-def read_log(path):
-    """log.jsonl's step records merged per step; where a resumed run logged a step again, its record wins."""
-    steps = {}
-    for record in read_jsonl(path):
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and "event" not in record:
-            steps.setdefault(record["step"], {}).update(record)
-    return [steps[s] for s in sorted(steps)]
-
-
-class RunLog:
-    """What the master process logs: log.jsonl in the out dir and, with --wandb-project, the same records in a
-    Weights & Biases run (wandb is imported only then). A resume continues the wandb run its checkpoint names."""
-
-    def __init__(self, out_dir):
-        self.out_dir, self.path = out_dir, os.path.join(out_dir, "log.jsonl")
-        self.wandb_run = self.wandb_id = None
-
-    def start_wandb(self, project, run_name, config):
-        try:
-            import wandb
-        except ImportError as e:
-            raise UserError(f"--wandb-project needs the wandb package ({e}): pip install wandb") from e
-        self.wandb_run = wandb.init(project=project, name=run_name or None, id=self.wandb_id, resume="allow",
-                                    config=config, dir=self.out_dir)  # fmt: skip
-        self.wandb_id = self.wandb_run.id  # kept in the checkpoints
-
-    def write(self, record):
-        append_jsonl(self.path, record)
-        if self.wandb_run is None or "event" in record:  # config, resume and end are the run's own state in wandb
-            return
-        metrics = {k: v for k, v in record.items() if k not in ("step", "samples")}
-        if "samples" in record:  # text as a table: a row per sample
-            import wandb
-
-            metrics["samples"] = wandb.Table(
-                columns=["step", "text"], data=[[record["step"], t] for t in record["samples"]]
-            )
-        self.wandb_run.log(metrics, step=record["step"])
-
-    def close(self, exit_code=0):
-        if self.wandb_run is not None:
-            self.wandb_run.finish(exit_code=exit_code)
-            self.wandb_run = None
-
-
-def log_run_start(run_log, config, start, start_step, raw_model, setup):
-    """The first record of a run (its resolved config) or of a resumed one (what changed), and a summary line."""
-    run = {k: setup[k] for k in ("world_size", "grad_accum_steps")}
-    run_log.wandb_id = start.checkpoint and start.checkpoint.get("wandb_run_id")  # a resume continues its wandb run
-    if config.wandb_project:
-        run_log.start_wandb(config.wandb_project, config.wandb_run_name, {**asdict(config), **setup})
-    if start_step == 0:  # the resolved config: the flags as this run applied them
-        run_log.write(dict(event="config", **{**asdict(config), **setup}, n_params=raw_model.num_params()))
-    else:
-        saved = start.checkpoint["config"]
-        changes = {k: [saved.get(k), v] for k, v in asdict(config).items() if k != "resume" and saved.get(k) != v}
-        run_log.write(dict(event="resume", step=start_step, checkpoint=start.path, **run, changes=changes))
-        if changes:
-            changed = ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changes.items())
-            print(f"note: settings changed since the checkpoint: {changed}")
-    print(
-        f"{raw_model.num_params():,} parameters | {run['world_size']} x {setup['device']} | {config.total_batch:,} "
-        f"tokens/step = {config.micro_batch} x {config.seq_len} x {run['world_size']} x {run['grad_accum_steps']} "
-        f"grad accum | steps {start_step}..{config.max_steps}"
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# stopping and failing together
+# stopping: a signal, the launcher gone, or an error on one rank; every rank together
 
 
 class StopSignal:
@@ -444,7 +378,7 @@ class StopSignal:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
 
-    def agreed(self, device):
+    def requested(self, device):
         """The signal any rank received (0: none), the same on every rank, so that all stop at the same point."""
         if not (dist.is_initialized() and dist.get_world_size() > 1):
             return self.signum or 0  # one process: no collective, no wait for the GPU
@@ -461,8 +395,8 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def all_ranks_agree(fn):
-    """fn() on every rank. If it raises a UserError on any rank, every rank raises it (naming the rank): a rank that
+def fail_together(fn):
+    """fn() on every rank. A UserError on any rank is raised on every rank (naming the rank it came from): a rank that
     stopped alone would leave the others waiting in their next collective."""
     try:
         result, error = fn(), None
@@ -478,6 +412,49 @@ def all_ranks_agree(fn):
     elif error is not None:
         raise UserError(error)
     return result
+
+
+def stop_when_launcher_dies():
+    """The launcher gone (torchrun killed by kill -9, or out of memory): stop as if preempted, with a checkpoint at the
+    next micro-step, and free the out dir for the next run."""
+    when_gone(os.getppid(), lambda: os.kill(os.getpid(), signal.SIGTERM))
+
+
+def when_gone(pid, then):
+    """Call then() in a daemon thread as soon as process pid has ended, however it ended (kill -9 included)."""
+
+    def watch():
+        try:
+            select.select([os.pidfd_open(pid)], [], [])  # Linux: readable when the process has ended
+        except (AttributeError, OSError):  # another system, or pid has already gone
+            with contextlib.suppress(ProcessLookupError):
+                while not os.kill(pid, 0):  # None while pid lives
+                    time.sleep(0.5)
+        then()
+
+    threading.Thread(target=watch, daemon=True, name="when-gone").start()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# random generators, and what rank 0 read sent to every rank
+
+
+def rng_states(device):
+    """Every random generator's state, so that a resumed run draws what the uninterrupted one would have."""
+    np_state = np.random.get_state()  # its array as a list: checkpoints load with weights_only, which has no numpy
+    states = dict(python=random.getstate(), numpy=(np_state[0], np_state[1].tolist(), *np_state[2:]),
+                  torch=torch.get_rng_state())  # fmt: skip
+    if is_cuda(device):
+        states["cuda"] = torch.cuda.get_rng_state(device)  # this GPU's only: a resume may see fewer or more GPUs
+    return states
+
+
+def set_rng_states(states, device):
+    random.setstate(states["python"])
+    np.random.set_state((states["numpy"][0], np.array(states["numpy"][1], dtype=np.uint32), *states["numpy"][2:]))
+    torch.set_rng_state(states["torch"].cpu())
+    if is_cuda(device) and "cuda" in states:  # a checkpoint written on a CPU has none
+        torch.cuda.set_rng_state(states["cuda"].cpu(), device)
 
 
 def broadcast_from_rank0(obj, device):
@@ -518,173 +495,3 @@ def broadcast_from_rank0(obj, device):
         return x
 
     return fill(holder[0])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the device and the process group
-
-
-def pick_device(device="auto"):
-    """The device to run on: "auto" picks CUDA, then MPS, then the CPU; one asked for by name must be there."""
-    mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    kind, _, index = device.partition(":")
-    if kind not in ("cpu", "cuda", "mps") or (index and not (kind == "cuda" and index.isdigit())):
-        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto")
-    if kind == "cuda" and not torch.cuda.is_available():
-        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise UserError(
-            f"device {device!r}: no CUDA GPU is visible to torch {torch.__version__} ({build}); use --device cpu"
-        )
-    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
-        raise UserError(f"device {device!r}: only {torch.cuda.device_count()} CUDA GPUs are visible")
-    if kind == "mps" and not mps:
-        raise UserError(f"device {device!r}: Apple's MPS is not available here; use --device cpu")
-    return device
-
-
-def setup_distributed(device="auto"):
-    """Join the process group when launched by torchrun (NCCL on CUDA, gloo on CPU), else run as a single process.
-    Returns (device, ddp_rank, ddp_local_rank, ddp_world_size)."""
-    device = pick_device(device)
-    if "RANK" not in os.environ:  # not launched by torchrun
-        return device, 0, 0, 1
-    ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-    # the launcher gone (torchrun killed by kill -9): stop as if preempted, with a checkpoint, and free the out dir
-    when_gone(os.getppid(), lambda: os.kill(os.getpid(), signal.SIGTERM))
-    kwargs = dict(backend="gloo")
-    if is_cuda(device):
-        device = f"cuda:{ddp_local_rank}"  # one GPU per process
-        torch.cuda.set_device(device)
-        kwargs = dict(backend="nccl", device_id=torch.device(device))  # binds the communicator to this rank's GPU
-    # the other ranks wait at the next collective while rank 0 writes a checkpoint (19 GB for gpt2-1558m)
-    dist.init_process_group(timeout=datetime.timedelta(minutes=30), **kwargs)
-    return device, ddp_rank, ddp_local_rank, ddp_world_size
-
-
-def teardown_distributed():
-    """Leave the process group, if any: after a barrier (a rank gone while rank 0 still writes aborts the others)."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# models from checkpoints, for sample.py, hellaswag.py and --export
-
-
-class ForeignConfig:
-    """Stands in for build-nanogpt's GPTConfig dataclass, which its checkpoints pickle as __main__.GPTConfig: while
-    unpickling, its fields land here and none of that script's code runs."""
-
-
-def newest_checkpoint_in(directory):
-    """The checkpoint a directory holds: ours (ckpt_NNNNNN.pt, the newest), nanoGPT's ckpt.pt, or build-nanogpt's
-    model_NNNNN.pt (the newest)."""
-    ours = list_checkpoints(directory)
-    if ours:
-        return ours[-1]
-    if os.path.isfile(os.path.join(directory, "ckpt.pt")):
-        return os.path.join(directory, "ckpt.pt")
-    build_nanogpt = sorted((int(m[1]), m[0]) for n in os.listdir(directory) if (m := re.match(r"^model_(\d+)\.pt$", n)))
-    if build_nanogpt:
-        return os.path.join(directory, build_nanogpt[-1][1])
-    raise UserError(
-        f"{directory} holds no checkpoint (ckpt_NNNNNN.pt, nanoGPT's ckpt.pt, build-nanogpt's model_NNNNN.pt) "
-        "and no config.json"
-    )
-
-
-def model_from_checkpoint(ckpt, path):
-    """A GPT from one of our checkpoints, nanoGPT's (model_args; exact GELU, maybe no biases; compiled models save
-    keys with an _orig_mod. prefix) or build-nanogpt's (config, a GPT-2 shape with tanh GELU)."""
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise UserError(f"{path} is not a model checkpoint: it has no 'model' weights")
-    shape_keys = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
-    if "model_config" in ckpt:  # ours
-        config = GPTConfig(**ckpt["model_config"])
-    elif "model_args" in ckpt:  # nanoGPT
-        args = ckpt["model_args"]
-        config = GPTConfig(**{k: args[k] for k in shape_keys}, bias=bool(args.get("bias", True)), gelu="exact")
-    elif "config" in ckpt and hasattr(ckpt["config"], "n_layer"):  # build-nanogpt
-        config = GPTConfig(**{k: vars(ckpt["config"])[k] for k in shape_keys})
-    else:
-        raise UserError(f"{path}: not a checkpoint of this repo, nanoGPT or build-nanogpt (no model shape in it)")
-    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
-    # nanoGPT without flash attention keeps its causal mask as a buffer: not a weight
-    state = {k: v for k, v in state.items() if not k.endswith(".attn.bias") or v.dim() != 4}
-    check_shapes(asdict(config), state, path)
-    model = GPT(config)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"{path}: the weights do not fit the model shape it names ({first_line(e)[:200]})") from e
-    return model
-
-
-def load_model(spec, device="cpu"):
-    """A GPT in eval mode from: a checkpoint file of ours, nanoGPT's or build-nanogpt's (.pt), a directory holding
-    them (the newest), a directory written by transformers' save_pretrained, or a Hugging Face name (gpt2,
-    gpt2-medium, gpt2-large, gpt2-xl)."""
-    if os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "config.json")):
-        spec = newest_checkpoint_in(spec)
-    if spec.endswith(".pt"):
-        model = model_from_checkpoint(load_checkpoint(spec), spec)
-    elif os.path.isdir(spec) or spec in MODEL_SIZES:
-        try:
-            model = GPT.from_pretrained(spec)
-        except (RuntimeError, ValueError, OSError) as e:  # said in words by from_pretrained
-            raise UserError(str(e)) from e
-        except Exception as e:  # a damaged config.json or weights file fails in many ways
-            raise UserError(f"cannot load {spec}: {type(e).__name__}: {first_line(e)[:300]}") from e
-    else:
-        raise UserError(
-            f"no model {spec!r}: give a checkpoint .pt, an out dir, a transformers directory "
-            f"or one of {', '.join(MODEL_SIZES)}"
-        )
-    return model.to(device).eval()
-
-
-def model_for_run(config, start):
-    """The model train.py trains, on the CPU: the checkpoint's shape on a resume (restore puts its weights in), the
-    weights of --init-from on a fine-tune's first start, else a new GPT of the flags' shape. The config's shape flags
-    are set to the model's; with --init-from, a flag given that contradicts the weights is refused."""
-    if start.checkpoint is not None:  # a fine-tune resumes from its own checkpoint, never from --init-from again
-        model = GPT(GPTConfig(**start.checkpoint["model_config"]))
-    elif config.init_from:
-        model = load_model(config.init_from).train()
-        for k in SHAPE_FLAGS:
-            if getattr(config, k) not in (None, getattr(model.config, k)):
-                flag = f"--{k.replace('_', '-')}"
-                raise UserError(f"{flag} {getattr(config, k)} contradicts --init-from {config.init_from}, "
-                                f"whose weights have {flag} {getattr(model.config, k)}: leave {flag} out")  # fmt: skip
-        if config.seq_len > model.config.block_size:
-            raise UserError(
-                f"--seq-len {config.seq_len} is longer than the context of --init-from {config.init_from} "
-                f"({model.config.block_size} tokens)"
-            )
-    else:
-        model = GPT(GPTConfig(block_size=config.seq_len, **{k: getattr(config, k) for k in SHAPE_FLAGS}))
-    for k in SHAPE_FLAGS:
-        setattr(config, k, getattr(model.config, k))
-    return model
-
-
-def export_model(model, out_dir):
-    """A self-contained transformers directory: the model (GPT.export_hf) and GPT-2's tokenizer files."""
-    model.export_hf(out_dir)
-    save_hf_tokenizer(out_dir, model.config.block_size)
-
-
-def save_hf_tokenizer(out_dir, context):
-    """GPT-2's tokenizer files under transformers' names (vocab.json, merges.txt) in a model directory."""
-    files = gpt2_bpe_files()
-    if files is None:
-        return
-    shutil.copyfile(files["encoder.json"], os.path.join(out_dir, "vocab.json"))
-    shutil.copyfile(files["vocab.bpe"], os.path.join(out_dir, "merges.txt"))
-    special = "<|endoftext|>"
-    config = dict(tokenizer_class="GPT2Tokenizer", model_max_length=context, **dict.fromkeys(
-        ("bos_token", "eos_token", "unk_token"), special))  # fmt: skip
-    write_json(os.path.join(out_dir, "tokenizer_config.json"), config)

@@ -45,7 +45,7 @@ from multiprocessing.connection import wait
 import numpy as np
 from tqdm import tqdm
 
-from checkpoint import check_out_dir, describe_write_error, take_out_dir
+from checkpoint import check_out_dir, describe_write_error, take_out_dir, when_gone
 from http_files import HTTPClient, HTTPFile, Retry, hub_files, is_remote, list_files, open_source, read_ahead
 from utils import (
     EOT,
@@ -61,7 +61,6 @@ from utils import (
     run_cli,
     sha256_file,
     shard_fingerprint,
-    when_gone,
     write_json,
 )
 

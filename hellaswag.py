@@ -22,26 +22,24 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from checkpoint import (
-    broadcast_from_rank0,
-    check_output_path,
-    load_model,
-    setup_distributed,
-    teardown_distributed,
-)
 from http_files import HTTPClient, HTTPFile, Retry
-from model import GPT2_VOCAB_SIZE, autocast, exact_fp32_matmul
+from model import GPT2_VOCAB_SIZE
 from utils import (
     UserError,
     atomic_write,
     check_flags,
+    check_output_path,
     config_parser,
     get_tokenizer,
+    is_cuda,
+    pick_device,
     run_cli,
     write_json,
 )
+from weights import load_model
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 N_VAL_EXAMPLES = 10_042
@@ -83,16 +81,18 @@ def download(cache_dir, url=URL, retry=None):
     return path
 
 
-def examples_on_every_rank(data_file, limit, master_process, device):
+def examples_on_every_rank(data_file, limit, master_process):
     """The examples for a training run, read (and downloaded once) by rank 0 alone and sent to every rank: nodes need
     no shared filesystem. None on every rank, with one warning, when the file cannot be had."""
-    examples = None
+    examples = [None]
     if master_process:
         try:
-            examples = load_examples(data_file or download(Config.cache_dir), limit)
+            examples = [load_examples(data_file or download(Config.cache_dir), limit)]
         except UserError as e:
             print(f"warning: HellaSwag is skipped: {e}", file=sys.stderr)
-    return broadcast_from_rank0(examples, device)
+    if dist.is_initialized():
+        dist.broadcast_object_list(examples, src=0)  # plain text: pickled, in one message
+    return examples[0]
 
 
 def load_examples(path, limit=0):
@@ -231,7 +231,7 @@ def score_rows(model, rows, device, rows_per_batch):
             targets[b, :L] = torch.tensor(tokens[1:])
             scored[b, L - n : L] = True
         idx, targets, scored = idx.to(device), targets.to(device), scored.to(device)
-        with autocast(device):
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=is_cuda(device)):
             hidden = model.hidden_states(idx)[scored]  # (n_scored, n_embd)
         logprobs = token_logprobs(hidden.float(), targets[scored], model.lm_head.weight[:GPT2_VOCAB_SIZE])
         row_of_token = torch.arange(len(batch), device=device).unsqueeze(1).expand_as(scored)[scored]
@@ -254,7 +254,6 @@ def predict(example, logprob_sums, n_tokens):
     )
 
 
-@exact_fp32_matmul()  # the same scores inside a training run (which allows TF32) as from this script
 def evaluate(model, examples, device, batch_size=32, ddp_rank=0, ddp_world_size=1):
     """Scores on the examples in both conventions, as fractions. Each rank scores every ddp_world_size-th example;
     the counts are summed over ranks, so the result equals a single process's."""
@@ -271,8 +270,6 @@ def evaluate(model, examples, device, batch_size=32, ddp_rank=0, ddp_world_size=
             counts[0] += 1
             counts[1:] += torch.tensor([p == int(ex["label"]) for p in predictions])
     if ddp_world_size > 1:
-        import torch.distributed as dist
-
         counts = counts.to(device)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         counts = counts.cpu()
@@ -295,7 +292,13 @@ def main(argv=None):
     check_flags(args, "0 or more", lambda v: v >= 0, "limit")
     if args.out:
         check_output_path(args.out, "--out")
-    device, ddp_rank, _, ddp_world_size = setup_distributed(args.device)
+    device = pick_device(args.device)
+    ddp_rank, ddp_world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if ddp_world_size > 1:  # under torchrun: every process scores its share of the examples
+        if is_cuda(device):
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if is_cuda(device) else "gloo")
     data_file = args.data_file or download(args.cache_dir)
     examples = load_examples(data_file, args.limit)
     model = load_model(args.model, device)
@@ -313,7 +316,8 @@ def main(argv=None):
         print(f"{results['examples']:,} examples in {results['seconds']:.1f} s on {ddp_world_size} x {device}")
         if args.out:
             write_json(args.out, results)
-    teardown_distributed()
+    if ddp_world_size > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ References:
 Parameter names follow transformers (transformer.h.0.attn.c_attn.weight, ...) so weights move both ways.
 """
 
-import contextlib
 import inspect
 import json
 import os
@@ -181,7 +180,7 @@ class GPT(nn.Module):
         return logits, loss
 
     # ----------------------------------------------------------------------------------------------------------------
-    # weights in and out of Hugging Face's format
+    # GPT-2's own weights, from the Hugging Face hub or a transformers directory
 
     @classmethod
     def from_pretrained(cls, name_or_path):
@@ -238,50 +237,6 @@ class GPT(nn.Module):
             raise ValueError(f"{directory}: missing weights {sorted(missing)[:3]}")
         return model
 
-    def export_hf(self, out_dir):
-        """Write config.json and model.safetensors as transformers' GPT2LMHeadModel.from_pretrained reads them (so
-        lm-eval-harness can load the model); the rows of the padded vocabulary are dropped. utils.export_model adds
-        GPT-2's tokenizer files."""
-        from safetensors.torch import save_file
-
-        c = self.config
-        if not c.bias:
-            raise ValueError("transformers' GPT-2 always has biases: a model trained without them cannot be exported")
-        vocab_size = min(c.vocab_size, GPT2_VOCAB_SIZE)
-        os.makedirs(out_dir, exist_ok=True)
-        hf_config = {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "vocab_size": vocab_size,
-            "n_positions": c.block_size,
-            "n_ctx": c.block_size,
-            "n_embd": c.n_embd,
-            "n_layer": c.n_layer,
-            "n_head": c.n_head,
-            "n_inner": None,
-            "activation_function": "gelu_new" if c.gelu == "tanh" else "gelu",
-            "layer_norm_epsilon": 1e-5,
-            "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0,
-            "attn_pdrop": 0.0,
-            "initializer_range": 0.02,
-            "tie_word_embeddings": True,
-        }
-        if vocab_size == GPT2_VOCAB_SIZE:
-            hf_config.update(bos_token_id=GPT2_VOCAB_SIZE - 1, eos_token_id=GPT2_VOCAB_SIZE - 1)  # <|endoftext|>
-        weights = {}
-        for name, tensor in self.state_dict().items():
-            if name == "lm_head.weight":
-                continue  # tied to wte: transformers re-ties it on load
-            if name == "transformer.wte.weight":
-                tensor = tensor[:vocab_size]
-            if name.endswith(CONV1D_WEIGHTS):
-                tensor = tensor.t()
-            weights[name] = tensor.detach().to("cpu", torch.float32).contiguous()
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(hf_config, f, indent=2)
-        save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-
     # ----------------------------------------------------------------------------------------------------------------
     # training helpers
 
@@ -298,16 +253,6 @@ class GPT(nn.Module):
         use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         extra = dict(fused=True) if use_fused else dict()
         return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, eps=eps, **extra)
-
-    def flops_per_token(self, seq_len):
-        """Training FLOPs per token: 6N for the matmuls (forward + backward) plus the attention scores,
-        as in the PaLM paper (appendix B)."""
-        L, H, Q = self.config.n_layer, self.config.n_head, self.config.n_embd // self.config.n_head
-        return 6 * self.num_params() + 12 * L * H * Q * seq_len
-
-    def estimate_mfu(self, tokens_per_sec, seq_len, peak_flops):
-        """Model FLOPs utilisation: achieved training FLOP/s as a fraction of the hardware's peak."""
-        return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
 
     # ----------------------------------------------------------------------------------------------------------------
     # sampling
@@ -396,52 +341,6 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         logits = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
-
-
-# Dense bf16 tensor-core peak (no sparsity) per GPU, for MFU, from the vendors' datasheets; the first name that
-# the device's name contains wins, so the specific variants come before the general ones. Unknown cards get no MFU.
-PEAK_BF16_FLOPS = [
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100 80GB HBM3", 989e12),  # H100 SXM
-    ("H100 SXM", 989e12),
-    ("GH200", 989e12),
-    ("H200 NVL", 835e12),
-    ("H200", 989e12),  # H200 SXM
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("RTX 4090", 165e12),
-]
-
-
-def is_cuda(device):
-    return str(device).startswith("cuda")
-
-
-def autocast(device):
-    """bf16 autocast on CUDA; full precision elsewhere (CPU bf16 matmuls are slow, MPS bf16 autocast is partial)."""
-    if is_cuda(device):
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return torch.autocast(device_type="cpu", enabled=False)
-
-
-@contextlib.contextmanager
-def exact_fp32_matmul():
-    """Full-fp32 matmuls, whatever the caller set (training allows TF32): the same scores and samples in a run."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
-def peak_flops(device):
-    """The GPU's dense bf16 peak (FLOP/s) for MFU, or None on a CPU or a card not in PEAK_BF16_FLOPS."""
-    if not is_cuda(device):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for gpu, flops in PEAK_BF16_FLOPS if gpu in name), None)
 
 
 def _download_from_hub(name):

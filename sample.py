@@ -16,17 +16,19 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import check_output_path, load_model, pick_device
-from model import exact_fp32_matmul, is_cuda
 from utils import (
     EOT,
     UserError,
     check_flags,
+    check_output_path,
     config_parser,
     get_tokenizer,
+    is_cuda,
+    pick_device,
     run_cli,
     write_json,
 )
+from weights import load_model
 
 
 @dataclass
@@ -60,7 +62,6 @@ class StreamPrinter:
         self.printed = text
 
 
-@exact_fp32_matmul()  # the same samples inside a training run (which allows TF32) as from this script
 def generate_samples(model, enc, args, device, stream=None):
     """A list of {prompt, text, tokens} dicts, one per sample."""
     prompt_tokens = enc.encode(args.prompt, allowed_special="all")

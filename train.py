@@ -9,18 +9,18 @@ Pretrain GPT-2 on token shards, on one device or many (DDP under torchrun).
 
 Each optimizer step sees --total-batch tokens: --micro-batch x --seq-len per process per micro-step, accumulated over
 total / (micro x seq x world size) micro-steps, so adding GPUs changes speed, not results. Everything a run logs goes
-to <out-dir>/log.jsonl (one JSON object per line) and a plot, <out-dir>/loss.png.
+to <out-dir>/log.jsonl (one JSON object per line), a plot, <out-dir>/loss.png, and at the end <out-dir>/report.md.
 
-Elsewhere: the model (model.py), the batches (ShardedDataLoader, utils.py), checkpoints, resume, the out-dir lock and
-the stop signal (checkpoint.py). Here: TrainConfig, get_lr, train_step, evaluate_loss, main, then what main calls.
+Read top to bottom: the config, the learning rate, one optimizer step, the evaluation, then main (the process group,
+the data, the model, the optimizer, the loop), then what main calls. The model is model.py, the batches utils.py's
+ShardedDataLoader; what keeps a run alive (checkpoints, resume, the out-dir lock, the stop signal) is checkpoint.py.
 """
 
 import argparse
 import contextlib
+import datetime
 import math
 import os
-import shlex
-import signal
 import time
 from dataclasses import asdict, dataclass
 
@@ -28,45 +28,31 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint
 import hellaswag
 import sample
-from checkpoint import (
-    SHAPE_FLAGS,
-    RunLog,
-    StopSignal,
-    all_ranks_agree,
-    check_loss,
-    check_weights,
-    export_model,
-    find_start_on_every_rank,
-    log_run_start,
-    model_for_run,
-    model_from_checkpoint,
-    restore,
-    rng_states,
-    setup_distributed,
-    take_out_dir,
-    teardown_distributed,
-    write_checkpoint,
-)
-from misc.plot_log import plot_log
+from checkpoint import fail_together
+from misc.plot_log import RunLog, plot_log
 from misc.stories import prepare_quickstart
-from model import MODEL_SIZES, autocast, is_cuda, peak_flops
+from model import GPT, MODEL_SIZES, GPTConfig
 from utils import (
     ShardedDataLoader,
     UserError,
     check_flags,
     config_parser,
     data_manifest,
+    is_cuda,
+    pick_device,
     run_cli,
 )
+from weights import SHAPE_FLAGS, export_model, load_model, pretrained_for_run
 
 
 @dataclass
 class TrainConfig:
     preset: str = "gpt2-124m"  # gpt2-124m (the reference run), gpt2-350m, gpt2-774m, gpt2-1558m, tiny, quickstart
     data_dir: str = "edu_fineweb10B"  # token shards written by download-fineweb-edu.py
-    out_dir: str = "log"  # log.jsonl, loss.png and checkpoints
+    out_dir: str = "log"  # log.jsonl, loss.png, report.md and checkpoints
     device: str = "auto"  # cuda, cpu, mps or auto
     resume: bool = False  # continue from the newest checkpoint in --out-dir
     init_from: str = ""  # fine-tune these weights (gpt2 .. gpt2-xl, a transformers dir, a checkpoint or out dir)
@@ -144,20 +130,23 @@ def get_lr(step, config):
     return min_lr + coeff * (config.max_lr - min_lr)
 
 
-def train_step(model, optimizer, next_batch, grad_accum_steps, device, lr, grad_clip, ddp_world_size=1, stop=None):
+def train_step(model, optimizer, loader, grad_accum_steps, device, lr, grad_clip, ddp_world_size=1, stop=None):
     """One optimizer step over grad_accum_steps micro-batches. Returns the mean loss over all micro-batches of all
     ranks and the gradient norm, both as tensors: reading them is the caller's one sync with the GPU per step.
-    Returns None if stop() (asked before each micro-step) says so: the step is dropped, the weights are unchanged."""
+    Returns None if stop() (asked before each micro-step) says so: the step is dropped, the weights are unchanged and
+    the loader is back where the step began, so that a resume does the step again."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=device)
+    step_begins_at = loader.position
     for micro_step in range(grad_accum_steps):
-        x, y = next_batch()  # (B, T) each
+        x, y = loader.next_batch()  # (B, T) each: the targets y are the inputs x shifted by one token
         if is_cuda(device):
             x, y = x.pin_memory(), y.pin_memory()  # page-locked, so the copy is asynchronous: the CPU runs ahead
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if stop is not None and stop():  # a stop signal: a step of many micro-steps may outlast the grace it has
             optimizer.zero_grad(set_to_none=True)
+            loader.position = step_begins_at
             return None
         if ddp_world_size > 1:
             # DDP all-reduces the gradients in every backward; with accumulation only the last micro-step needs it,
@@ -165,7 +154,7 @@ def train_step(model, optimizer, next_batch, grad_accum_steps, device, lr, grad_
             model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
         # bf16 autocast on CUDA: matmuls run in bfloat16 on the tensor cores, the weights and the optimizer stay
         # fp32. bf16 has fp32's exponent range, so unlike fp16 it needs no loss scaling.
-        with autocast(device):
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=is_cuda(device)):
             loss = model(x, y)[1]  # the logits are not kept: at micro-batch 64 they hold 6.6 GB until the next forward
         # backward() adds each micro-step's gradients to the ones before: dividing every loss by grad_accum_steps
         # makes the sum the gradient of the mean loss over the whole batch, as one big forward would give
@@ -190,7 +179,7 @@ def evaluate_loss(model, loader, steps, device, ddp_world_size=1):
     loss_accum = torch.zeros((), device=device)
     for _ in range(steps):
         x, y = loader.next_batch()
-        with autocast(device):
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=is_cuda(device)):
             loss = model(x.to(device), y.to(device))[1]
         loss_accum += loss.detach() / steps
     if ddp_world_size > 1:
@@ -201,7 +190,23 @@ def evaluate_loss(model, loader, steps, device, ddp_world_size=1):
 
 def main(argv=None):
     config = parse_config(argv)  # TrainConfig's defaults, then the preset's, then the flags; checked
-    device, ddp_rank, ddp_local_rank, ddp_world_size = setup_distributed(config.device)
+
+    # DDP: torchrun starts one process per GPU and tells each its RANK (among all), LOCAL_RANK (on this node) and the
+    # WORLD_SIZE; started without torchrun, this is the only process
+    device = pick_device(config.device)  # cuda, mps or cpu: as asked, or the best there is
+    ddp = "RANK" in os.environ
+    if ddp:
+        ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        if is_cuda(device):
+            device = f"cuda:{ddp_local_rank}"  # one GPU per process
+            torch.cuda.set_device(device)
+        # NCCL between GPUs, gloo between CPUs. The other ranks wait at the next collective while rank 0 writes a
+        # checkpoint (19 GB for gpt2-1558m): a long timeout
+        dist.init_process_group(backend="nccl" if is_cuda(device) else "gloo", timeout=datetime.timedelta(minutes=30),
+                                device_id=torch.device(device) if is_cuda(device) else None)  # fmt: skip
+        checkpoint.stop_when_launcher_dies()  # torchrun killed: stop as if preempted, with a checkpoint
+    else:
+        ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
     master_process = ddp_rank == 0  # this process logs, plots, checkpoints and samples
     compile_model = config.compile if config.compile is not None else is_cuda(device)
 
@@ -209,126 +214,128 @@ def main(argv=None):
     # From here on config holds the values in effect (micro_batch, val_steps): the log and checkpoints record those.
     requested_micro_batch = config.micro_batch
     config.micro_batch = fit_micro_batch(config, ddp_world_size, master_process)
-    tokens_per_micro_step = config.micro_batch * config.seq_len * ddp_world_size  # one forward/backward on all ranks
-    grad_accum_steps = config.total_batch // tokens_per_micro_step
+    grad_accum_steps = config.total_batch // (config.micro_batch * config.seq_len * ddp_world_size)
 
     # the data: every node reads its own copy of the shards (no shared filesystem needed)
     if config.preset == "quickstart":  # generated stories, tokenized on every node by one process; the rest wait
-        all_ranks_agree(lambda: prepare_quickstart(config.data_dir) if ddp_local_rank == 0 else None)
-    train_loader, val_loader = all_ranks_agree(lambda: open_loaders(config, ddp_rank, ddp_world_size, master_process))
+        fail_together(lambda: prepare_quickstart(config.data_dir) if ddp_local_rank == 0 else None)
+    train_loader, val_loader = fail_together(lambda: open_loaders(config, ddp_rank, ddp_world_size, master_process))
 
-    # where the run starts: rank 0 owns the out dir (log, plots, checkpoints) for as long as the run lasts, and reads
-    # the checkpoint for everyone
-    out_dir_lock = all_ranks_agree(lambda: take_out_dir(config.out_dir) if master_process else contextlib.nullcontext())
-    with out_dir_lock:  # held until the run ends, however it ends: a second run on this out dir is refused
-        run_log = RunLog(config.out_dir)  # log.jsonl, and wandb with --wandb-project
-        start = find_start_on_every_rank(config, master_process, device)
+    # rank 0 owns the out dir (log, plots, checkpoints) until the run ends, however it ends; it finds where the run
+    # starts (on --resume, the newest checkpoint) and sends the checkpoint to every rank
+    lock = fail_together(
+        lambda: checkpoint.take_out_dir(config.out_dir) if master_process else contextlib.nullcontext()
+    )
+    with lock, checkpoint.StopSignal() as stop:  # a stop signal (SIGTERM, Ctrl-C) ends the run with a checkpoint
+        start = checkpoint.find_start_on_every_rank(config, master_process, device)
+        run_log = RunLog(config.out_dir, start)  # log.jsonl, and wandb with --wandb-project (on rank 0)
         if start.finished:  # started again after the last step: nothing to train, perhaps something to --export
             if master_process:
-                model = model_from_checkpoint(start.checkpoint, start.path) if config.export else None
-                log_run_end(run_log, config, model, start)
-            teardown_distributed()
-            return
+                run_log.end(config, start, seconds=0)
+                export(config, lambda: load_model(start.path), start.path)
+            return teardown(ddp)
 
-        # the model and its optimizer
+        # the model: a new GPT-2 of the flags' shape, or pretrained weights to fine-tune (--init-from); a resume
+        # builds the shape its checkpoint names, and restore() puts its weights in
         torch.manual_seed(config.seed)  # the same initial weights on every rank
-        if is_cuda(device):
-            torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls (HellaSwag and sampling use full fp32)
-        # a new GPT of the flags' shape, --init-from's pretrained weights, or a resume's shape; on every rank
-        model = all_ranks_agree(lambda: model_for_run(config, start)).to(device)
+        if start.checkpoint is not None:
+            model = GPT(GPTConfig(**start.checkpoint["model_config"]))
+        elif config.init_from:
+            model = fail_together(lambda: pretrained_for_run(config))
+        else:
+            model = GPT(GPTConfig(block_size=config.seq_len, **{k: getattr(config, k) for k in SHAPE_FLAGS}))
+        vars(config).update({k: getattr(model.config, k) for k in SHAPE_FLAGS})  # the shape as built, for the log
+        model.to(device)
+        # AdamW, with weight decay on the matrices only
         optimizer = model.configure_optimizers(config.weight_decay, config.max_lr, (config.beta1, config.beta2),
-                                               torch.device(device).type, config.eps)  # fmt: skip
-        # a resume puts the weights, optimizer state, data position and RNG states back; val_loss as last measured
-        start_step, val_loss = restore(start, model, optimizer, train_loader, device) if start.checkpoint else (0, None)
+                                               device.split(":")[0], config.eps)  # fmt: skip
+        val_loss = checkpoint.restore(start, model, optimizer, train_loader, device) if start.checkpoint else None
         raw_model = model  # evaluation, sampling and checkpoints use the plain module
         if compile_model:
             model = torch.compile(model)  # fuses the many small kernels of a step into few; compiles on the first step
-        if ddp_world_size > 1:
-            model = DDP(
-                model, device_ids=[ddp_local_rank] if is_cuda(device) else None
-            )  # averages gradients over ranks
-
+        if ddp:
+            model = DDP(model, device_ids=[ddp_local_rank] if is_cuda(device) else None)  # averages gradients
         if master_process:
-            setup = dict(device=device, compile=compile_model, micro_batch_requested=requested_micro_batch,
-                         world_size=ddp_world_size, grad_accum_steps=grad_accum_steps)  # fmt: skip
-            log_run_start(run_log, config, start, start_step, raw_model, setup)
-        start.checkpoint = None  # its memory back: everything in it is in place now
+            setup = dict(device=device, device_name=device_name(device), torch=torch.__version__, compile=compile_model,
+                         micro_batch_requested=requested_micro_batch, world_size=ddp_world_size,
+                         grad_accum_steps=grad_accum_steps)  # fmt: skip
+            run_log.start(config, start, raw_model.num_params(), setup)
         # HellaSwag's examples, read (downloaded once) by rank 0 and sent to the others
         hellaswag_examples = config.hellaswag_interval > 0 and hellaswag.examples_on_every_rank(
-            config.hellaswag_file, config.hellaswag_limit, master_process, device)  # fmt: skip
-        damaged = set(start.damaged)  # checkpoints that did not load: never pruned, replaced when this run writes one
-        signum = 0  # the stop signal that ended the loop, if any
-        with StopSignal() as stop:
-            # max_steps optimizer steps, then one more pass that only evaluates: the loss at step s is measured after s
-            # updates, and a checkpoint written after step s is ckpt_<s+1>: what a resume starts with
-            for step in range(start_step, config.max_steps + 1):
-                last_step = step == config.max_steps
-                # evaluation, on the raw model: the compiled one would compile again for other shapes, and DDP is for
-                # gradients; every rank takes part, each on its own rows, and the results are averaged
-                record = dict(step=step)
-                if config.eval_interval > 0 and (step % config.eval_interval == 0 or last_step):
-                    val_loss = evaluate_loss(raw_model, val_loader, config.val_steps, device, ddp_world_size)
-                    record["val_loss"] = val_loss
-                if hellaswag_examples and (step % config.hellaswag_interval == 0 or last_step):
-                    results = hellaswag.evaluate(raw_model, hellaswag_examples, device, 32, ddp_rank, ddp_world_size)
-                    record.update({f"hellaswag_{k}": v for k, v in results.items()})
-                if master_process and len(record) > 1:
-                    run_log.write(record)
-                    print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-                    plot_log(run_log.path, os.path.join(config.out_dir, "loss.png"))
-                sample_due = config.sample_interval > 0 and (step % config.sample_interval == 0 or last_step)
-                if master_process and sample_due and step > 0:
-                    texts = sample.texts(
-                        raw_model, config.sample_prompt, config.num_samples, config.sample_tokens, device
-                    )
-                    run_log.write(dict(step=step, samples=texts))
-                    print("\n".join(f"sample: {text!r}" for text in texts))
-                if last_step:
-                    break
+            config.hellaswag_file, config.hellaswag_limit, master_process)  # fmt: skip
 
-                # ---------------------------------------- training section begin
-                t0 = time.time()
-                lr = get_lr(step, config)
-                # what a checkpoint records if the step is dropped: the state before it, for a resume to do it again
-                before_step = dict(step=step, train_loader=train_loader.state_dict(), rng=rng_states(device))
-                result = train_step(model, optimizer, train_loader.next_batch, grad_accum_steps, device, lr,
-                                    config.grad_clip, ddp_world_size, stop=lambda: stop.agreed(device) > 0)  # fmt: skip
-                if (
-                    result is not None
-                ):  # None: a stop signal came inside the step, which is dropped (a resume redoes it)
-                    loss, norm = (t.item() for t in result)  # waits for the GPU: until here the CPU ran ahead of it
-                    dt = time.time() - t0
-                    # ---------------------------------------- training section end
-                    check_loss(loss, norm, step, config.out_dir)  # a NaN stops the run (on every rank: all-reduced)
-                    if master_process:
-                        log_step(run_log, step, loss, lr, norm, dt, config, raw_model, device, ddp_world_size)
+        # max_steps optimizer steps, then one more pass that only evaluates: the loss at step s is measured after s
+        # updates, and a checkpoint written after step s is ckpt_<s+1>: what a resume starts with
+        signum, t_run, first_step = 0, time.time(), start.step
+        start.checkpoint = None  # its memory back: everything in it is in place now
+        for step in range(first_step, config.max_steps + 1):
+            last_step = step == config.max_steps
+            # evaluation, on the raw model: the compiled one would compile again for other shapes, and DDP is for
+            # gradients; every rank takes part, each on its own rows, and the results are averaged
+            record = dict(step=step)
+            if config.eval_interval > 0 and (step % config.eval_interval == 0 or last_step):
+                val_loss = record["val_loss"] = evaluate_loss(raw_model, val_loader, config.val_steps, device,
+                                                              ddp_world_size)  # fmt: skip
+            if hellaswag_examples and (step % config.hellaswag_interval == 0 or last_step):
+                results = hellaswag.evaluate(raw_model, hellaswag_examples, device, hellaswag.Config.batch_size,
+                                             ddp_rank, ddp_world_size)  # fmt: skip
+                record.update({f"hellaswag_{k}": v for k, v in results.items()})
+            if master_process and len(record) > 1:
+                run_log.write(record)
+                print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+                plot_log(run_log.path, os.path.join(config.out_dir, "loss.png"))
+            sample_due = config.sample_interval > 0 and (step % config.sample_interval == 0 or last_step)
+            if master_process and sample_due and step > 0:
+                texts = sample.texts(raw_model, config.sample_prompt, config.num_samples, config.sample_tokens, device)
+                run_log.write(dict(step=step, samples=texts))
+                print("\n".join(f"sample: {config.sample_prompt + text!r}" for text in texts))
+            if last_step:
+                break
 
-                # a checkpoint every checkpoint_interval steps, after the last step, and when a stop signal came
-                signum = stop.agreed(device)  # the same on every rank (a one-number all-reduce), so all stop together
-                every = config.checkpoint_interval > 0 and (step + 1) % config.checkpoint_interval == 0
-                if every or step + 1 == config.max_steps or signum:
-                    check_weights(raw_model, step, config.out_dir)  # on every rank: they hold the same weights
-                    if master_process:
-                        # everything the next step depends on: a resumed run continues exactly where this one stopped
-                        after_step = dict(step=step + 1, train_loader=train_loader.state_dict(), rng=rng_states(device))
-                        resume = before_step if result is None else after_step
-                        state = dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(),
-                                     model_config=asdict(raw_model.config), config=asdict(config), val_loss=val_loss,
-                                     wandb_run_id=run_log.wandb_id, **resume)  # fmt: skip
-                        write_checkpoint(config.out_dir, state, config.keep_checkpoints, damaged)
-                if signum:
-                    break
+            # ---------------------------------------- training section begin
+            t0 = time.time()
+            lr = get_lr(step, config)
+            result = train_step(model, optimizer, train_loader, grad_accum_steps, device, lr, config.grad_clip,
+                                ddp_world_size, stop=lambda: stop.requested(device) > 0)  # fmt: skip
+            if result is not None:  # None: a stop signal came inside the step, which is dropped
+                loss, norm = (t.item() for t in result)  # waits for the GPU: until here the CPU ran ahead of it
+                dt = time.time() - t0
+                # ---------------------------------------- training section end
+                checkpoint.check_loss(loss, norm, step, config.out_dir)  # a NaN stops the run, on every rank
+                if master_process:
+                    tokens_per_sec = config.total_batch / dt
+                    run_log.step(step, config.max_steps, loss, lr, norm, dt, tokens_per_sec,
+                                 mfu(raw_model, config.seq_len, tokens_per_sec / ddp_world_size, device))  # fmt: skip
+
+            # a checkpoint every checkpoint_interval steps, after the last step, and when a stop signal came
+            resume_step = step + 1 if result is not None else step  # where a resume of this state starts
+            signum = stop.requested(device)  # the same on every rank (a one-number all-reduce): all stop together
+            every = config.checkpoint_interval > 0 and resume_step % config.checkpoint_interval == 0
+            if every or resume_step == config.max_steps or signum:
+                checkpoint.save_run(config.out_dir, resume_step, raw_model, optimizer, train_loader, device,
+                                    config.keep_checkpoints, start.damaged, master_process, config=asdict(config),
+                                    val_loss=val_loss, wandb_run_id=run_log.wandb_id)  # fmt: skip
+            if signum:
+                break
 
         if master_process:
-            log_run_end(run_log, config, raw_model, start, signum, step + (result is not None) if signum else None)
-            run_log.close(128 + signum if signum else 0)
-    teardown_distributed()
+            run_log.end(config, start, time.time() - t_run, signum, resume_step if signum else None)
+            if not signum:
+                export(config, lambda: raw_model, "the model")
+    teardown(ddp)
     if signum:
         raise SystemExit(128 + signum)  # the shell's code for "ended by this signal": the run is not done
 
 
+def teardown(ddp):
+    """Leave the process group, after a barrier: a rank gone while rank 0 still writes would abort the others."""
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# what main calls
+# what main calls: the config, the loaders, the export
 
 
 def parse_config(argv=None):
@@ -411,47 +418,42 @@ def open_loaders(config, ddp_rank, ddp_world_size, master_process):
     return train_loader, val_loader
 
 
-def log_step(run_log, step, loss, lr, norm, dt, config, raw_model, device, ddp_world_size):
-    tokens_per_sec = config.total_batch / dt
-    peak = peak_flops(device)  # this GPU's bf16 FLOP/s (None on a CPU or an unknown card)
-    entry = dict(step=step, train_loss=loss, lr=lr, grad_norm=norm, dt_ms=dt * 1000, tokens_per_sec=tokens_per_sec)
-    if peak:  # MFU: the model's FLOPs per second as a share of one GPU's peak
-        entry["mfu"] = raw_model.estimate_mfu(tokens_per_sec / ddp_world_size, config.seq_len, peak)
-    run_log.write(entry)
-    mfu = f" | mfu {100 * entry['mfu']:.1f}%" if peak else ""
-    print(
-        f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {dt * 1000:.1f}ms "
-        f"| tok/sec {tokens_per_sec:,.0f}{mfu}"
-    )
-
-
-def log_run_end(run_log, config, raw_model, start, signum=0, resume_step=None):
-    """Stopped by a signal (resume_step: where a resume starts), or finished: the export, and where the results are."""
-    if signum:
-        name = signal.Signals(signum).name
-        run_log.write(dict(event="stopped", step=resume_step, signal=name))
-        done = f"after step {resume_step - 1}" if resume_step else "before the first step"
-        print(f"stopped by {name} {done}: continue with --resume --out-dir {config.out_dir}")
-        return
-    if start.finished:
-        print(f"{config.out_dir} is finished: all {config.max_steps} steps are done (a larger --max-steps goes on)")
+def export(config, model, what):
+    """--export: the model (model() builds it) as a transformers directory, at the end of a finished run."""
     if config.export:
-        export_model(raw_model, config.export)
-        what = start.path if start.finished else "the model"
+        export_model(model(), config.export)
         print(f"exported {what} to {config.export} (transformers GPT2LMHeadModel format)")
-    if start.finished:
-        return
-    run_log.write(dict(event="finished", step=config.max_steps))
-    out = shlex.quote(config.out_dir)
-    print(
-        f"\nfinished {config.max_steps} steps. In {config.out_dir}: log.jsonl (every step and evaluation), loss.png "
-        f"(the curves), ckpt_NNNNNN.pt (checkpoints). Next:\n"
-        f"  python sample.py --model {out} --prompt {shlex.quote(config.sample_prompt)}   # text from the newest\n"
-        f"  python sample.py --model {out} --temperature 0.8 --max-new-tokens 200          # longer, less random\n"
-        f"  python hellaswag.py --model {out} --data-file hellaswag_val.jsonl   # HellaSwag (without --data-file: "
-        "downloaded once)\n"
-        f"  python misc/plot_log.py {shlex.quote(run_log.path)}   # redraw the plot"
-    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MFU: the model's FLOPs per second as a share of the GPU's peak
+
+# Dense bf16 tensor-core peak (no sparsity) per GPU, from the vendors' datasheets; the first name that the device's name
+# contains wins, so the specific variants come before the general ones. Unknown cards get no MFU.
+PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100 80GB HBM3", 989e12), ("H100 SXM", 989e12),
+                   ("GH200", 989e12), ("H200 NVL", 835e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12),
+                   ("RTX 4090", 165e12)]  # fmt: skip
+
+
+def peak_flops(device):
+    """The GPU's dense bf16 peak (FLOP/s) for MFU, or None on a CPU or a card not in PEAK_BF16_FLOPS."""
+    if not is_cuda(device):
+        return None
+    return next((flops for gpu, flops in PEAK_BF16_FLOPS if gpu in torch.cuda.get_device_name(device)), None)
+
+
+def mfu(model, seq_len, tokens_per_sec, device):
+    """Model FLOPs utilisation of one GPU: training FLOPs per token (6N for the matmuls, forward and backward, plus the
+    attention scores, as in the PaLM paper's appendix B) x tokens/s, as a share of its peak; None where unknown."""
+    peak = peak_flops(device)
+    if peak is None:
+        return None
+    L, H, Q = model.config.n_layer, model.config.n_head, model.config.n_embd // model.config.n_head
+    return (6 * model.num_params() + 12 * L * H * Q * seq_len) * tokens_per_sec / peak
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if is_cuda(device) else f"CPU ({torch.get_num_threads()} threads)"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """
 Mainly the data loader: GPT-2's tokenizer, the token shards and ShardedDataLoader. Then the few helpers every script
-shares: one-line errors, flags from a dataclass, atomic writes, loading a script as a module.
+shares: one-line errors, flags from a dataclass, atomic writes, the device, and loading a script as a module.
 """
 
 import argparse
@@ -13,11 +13,8 @@ import inspect
 import json
 import os
 import re
-import select
 import signal
 import sys
-import threading
-import time
 
 import numpy as np
 
@@ -372,7 +369,8 @@ def config_parser(config_class, description):
     for f in dataclasses.fields(config_class):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         comment = comments.get(f.name, "").replace("%", "%%")
-        kw = dict(default=default, help=f"{comment} (default: %(default)s)".strip())
+        shown = "" if "(default" in comment else " (default: %(default)s)"  # a comment may say it in its own words
+        kw = dict(default=default, help=f"{comment}{shown}".strip())
         if f.type in (bool, "bool"):
             kw.update(action=argparse.BooleanOptionalAction)
         elif f.type in (list, "list"):
@@ -392,6 +390,15 @@ def check_flags(config, rule, ok, *names):
         if not ok(value):
             shown = repr(value) if isinstance(value, str) else value
             raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {shown}")
+
+
+def check_output_path(path, flag):
+    """Fail before any work if a result could not be written at path (a file, not a directory)."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a directory: give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path}: the directory {parent} does not exist")
 
 
 @contextlib.contextmanager
@@ -416,19 +423,31 @@ def write_json(path, obj):
         json.dump(obj, f, indent=2, ensure_ascii=False)
 
 
-def when_gone(pid, then):
-    """Call then() in a daemon thread as soon as process pid has ended, however it ended (kill -9 included)."""
+# ----------------------------------------------------------------------------------------------------------------
+# the device
 
-    def watch():
-        try:
-            select.select([os.pidfd_open(pid)], [], [])  # Linux: readable when the process has ended
-        except (AttributeError, OSError):  # another system, or pid has already gone
-            with contextlib.suppress(ProcessLookupError):
-                while not os.kill(pid, 0):  # None while pid lives
-                    time.sleep(0.5)
-        then()
 
-    threading.Thread(target=watch, daemon=True, name="when-gone").start()
+def is_cuda(device):
+    return str(device).startswith("cuda")
+
+
+def pick_device(device="auto"):
+    """The device to run on: "auto" picks CUDA, then MPS, then the CPU; one asked for by name must be there."""
+    available = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
+    if device == "auto":
+        return next(kind for kind, there in available.items() if there)
+    kind, _, index = device.partition(":")
+    if kind not in available or (index and not (kind == "cuda" and index.isdigit())):
+        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto")
+    if kind == "mps" and not available["mps"]:
+        raise UserError(f"device {device!r}: Apple's MPS is not available here; use --device cpu")
+    if kind == "cuda" and not available["cuda"]:
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise UserError(f"device {device!r}: no CUDA GPU is visible to torch {torch.__version__} ({build}); use "
+                        "--device cpu")  # fmt: skip
+    if index and int(index) >= torch.cuda.device_count():
+        raise UserError(f"device {device!r}: only {torch.cuda.device_count()} CUDA GPUs are visible")
+    return device
 
 
 def call_in_script(name, function, *args):

@@ -1,22 +1,141 @@
 """
-The training plot: train and val loss against steps, and HellaSwag beside them when the run evaluated it. train.py
-redraws it after every evaluation; from the command line it redraws any log.jsonl:
+The run's log, <out-dir>/log.jsonl: written record by record by train.py (RunLog; with --wandb-project, the same
+records go to Weights & Biases), drawn as loss.png after every evaluation, and summed up in report.md when the run
+finishes. From the command line it redraws both from any log.jsonl:
 
-    python misc/plot_log.py log/log.jsonl misc/gpt2-124m.png
+    python misc/plot_log.py log/log.jsonl                      # log/loss.png and log/report.md again
+    python misc/plot_log.py log/log.jsonl misc/gpt2-124m.png   # the plot elsewhere
 """
 
 import argparse
+import collections
+import json
 import os
+import shlex
+import signal
 import sys
+from dataclasses import asdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
 
-from checkpoint import check_output_path, read_jsonl, read_log  # noqa: E402
-from utils import UserError, atomic_write, run_cli  # noqa: E402
+from checkpoint import read_jsonl, read_log  # noqa: E402
+from utils import UserError, atomic_write, check_output_path, run_cli  # noqa: E402
 
 GPT2_124M_VAL_LOSS = 3.2924  # OpenAI's GPT-2 124M on FineWeb-Edu's val split (build-nanogpt)
 GPT2_124M_HELLASWAG = 0.2955  # its completion-style acc_norm
 GPT3_124M_HELLASWAG = 0.337  # GPT-3 paper, 125M model
+# GPT-2 124M's published HellaSwag scores (percent): completion acc, acc_norm (build-nanogpt's hellaswag.py), harness
+# acc, acc_norm (lm-eval-harness, as the Open LLM Leaderboard reports them)
+GPT2_124M_REFERENCE = (28.59, 29.55, 28.92, 31.14)
+
+
+def append_jsonl(path, record):
+    """Append one record. A line cut short by a kill is ended first, so the new record starts a line of its own."""
+    with open(path, "a+b") as f:
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write((json.dumps(record) + "\n").encode())
+
+
+class RunLog:
+    """What rank 0 logs: log.jsonl (one JSON object per line; a line a kill cut short is ended before the next) and,
+    with --wandb-project, the same records in a Weights & Biases run, which a resume continues."""
+
+    def __init__(self, out_dir, start):
+        self.out_dir, self.path = out_dir, os.path.join(out_dir, "log.jsonl")
+        self.wandb_run, self.wandb_id = None, start.checkpoint and start.checkpoint.get("wandb_run_id")
+        self.step_times = collections.deque(maxlen=20)  # the recent steps' seconds, for the time left
+
+    def write(self, record):
+        append_jsonl(self.path, record)
+        if self.wandb_run is None or "event" in record:  # config, resume and end are the run's own state in wandb
+            return
+        metrics = {k: v for k, v in record.items() if k not in ("step", "samples")}
+        if "samples" in record:  # text as a table: a row per sample
+            import wandb
+
+            rows = [[record["step"], text] for text in record["samples"]]
+            metrics["samples"] = wandb.Table(columns=["step", "text"], data=rows)
+        self.wandb_run.log(metrics, step=record["step"])
+
+    def start(self, config, start, n_params, setup):
+        """The first record of a run (its resolved config) or of a resumed one (what changed), and the plan."""
+        if config.wandb_project:
+            self.start_wandb(config.wandb_project, config.wandb_run_name, {**asdict(config), **setup})
+        if start.checkpoint is None:  # the resolved config: the flags as this run applied them
+            self.write(dict(event="config", **{**asdict(config), **setup}, n_params=n_params))
+        else:
+            saved = start.checkpoint["config"]
+            changes = {k: [saved.get(k), v] for k, v in asdict(config).items() if k != "resume" and saved.get(k) != v}
+            run = {k: setup[k] for k in ("world_size", "grad_accum_steps")}
+            self.write(dict(event="resume", step=start.step, checkpoint=start.path, **run, changes=changes))
+            if changes:
+                changed = ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changes.items())
+                print(f"note: settings changed since the checkpoint: {changed}")
+        steps = config.max_steps - start.step
+        print(f"plan: {steps:,} steps x {config.total_batch:,} tokens = {count(steps * config.total_batch)} tokens "
+              f"(steps {start.step}..{config.max_steps}) on {setup['world_size']} x {setup['device_name']}, "
+              f"{setup['grad_accum_steps']} micro-steps of {config.micro_batch} x {config.seq_len} tokens per step and "
+              f"process; {n_params:,} parameters")  # fmt: skip
+
+    def start_wandb(self, project, run_name, config):
+        try:
+            import wandb
+        except ImportError as e:
+            raise UserError(f"--wandb-project needs the wandb package ({e}): pip install wandb") from e
+        self.wandb_run = wandb.init(project=project, name=run_name or None, id=self.wandb_id, resume="allow",
+                                    config=config, dir=self.out_dir)  # fmt: skip
+        self.wandb_id = self.wandb_run.id  # kept in the checkpoints
+
+    def step(self, step, max_steps, loss, lr, norm, dt, tokens_per_sec, mfu=None):
+        """A training step's record and line: where the run is, how fast, and how long the rest will take."""
+        entry = dict(step=step, train_loss=loss, lr=lr, grad_norm=norm, dt_ms=dt * 1000, tokens_per_sec=tokens_per_sec)
+        self.write(entry if mfu is None else dict(entry, mfu=mfu))
+        self.step_times.append(dt)
+        left = sorted(self.step_times)[len(self.step_times) // 2] * (max_steps - step - 1)  # the median step, times
+        print(
+            f"step {step:5d}/{max_steps} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {dt * 1000:.1f}ms | "
+            f"tok/sec {tokens_per_sec:,.0f}" + (f" | mfu {100 * mfu:.1f}%" if mfu else "") + f" | eta {duration(left)}"
+        )
+
+    def end(self, config, start, seconds, signum=0, resume_step=None):
+        """The run's last record: stopped by a signal (resume_step: where a resume starts), or finished, with report.md
+        and what to run next."""
+        took = f" in {duration(seconds)}" if seconds else ""
+        if signum:
+            name = signal.Signals(signum).name
+            self.write(dict(event="stopped", step=resume_step, signal=name))
+            done = f"after step {resume_step - 1}" if resume_step else "before the first step"
+            print(f"stopped by {name} {done}: continue with --resume --out-dir {config.out_dir} (this run: "
+                  f"{duration(seconds)})")  # fmt: skip
+        elif start.finished:
+            print(f"{config.out_dir} is finished: all {config.max_steps} steps are done (a larger --max-steps goes on)")
+        else:
+            self.write(dict(event="finished", step=config.max_steps, seconds=round(seconds, 1)))
+            write_report(self.path, os.path.join(config.out_dir, "report.md"))
+            out, prompt = shlex.quote(config.out_dir), shlex.quote(config.sample_prompt)
+            print(f"\nfinished {config.max_steps} steps{took}. In {config.out_dir}: report.md (the results), log.jsonl "
+                  f"(every step and evaluation), loss.png (the curves), ckpt_NNNNNN.pt (checkpoints). Next:\n"
+                  f"  python sample.py --model {out} --prompt {prompt}   # text from the newest checkpoint\n"
+                  f"  python sample.py --model {out} --temperature 0.8 --max-new-tokens 200   # longer, less random\n"
+                  f"  python hellaswag.py --model {out}   # its 10,042 examples are downloaded once into hellaswag/\n"
+                  f"  python misc/plot_log.py {shlex.quote(self.path)}   # the plot and the report again")  # fmt: skip
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=128 + signum if signum else 0)
+            self.wandb_run = None
+
+
+def count(n):
+    """5.00B, 12.6M or 10,240."""
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
+def duration(seconds):
+    """1h02m, 4m05s or 12s."""
+    minutes, s = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{s:02d}s" if minutes else f"{s}s"
 
 
 def plot_log(log_path, png_path):
@@ -61,6 +180,51 @@ def plot_log(log_path, png_path):
     plt.close(fig)
 
 
+def write_report(log_path, report_path):
+    """report.md: what a finished run is, in one page: the settings that matter, the machine, the time and speed, the
+    final val loss, HellaSwag in both conventions next to GPT-2 124M's, the plot and the last samples."""
+    events = [r for r in read_jsonl(log_path) if isinstance(r, dict) and "event" in r]
+    config = next((r for r in events if r["event"] == "config"), {})
+    records, end = read_log(log_path), next((r for r in reversed(events) if r["event"] == "finished"), {})
+    last = {k: v for r in records for k, v in r.items()}  # the latest value of every key
+    steps = [r for r in records if "dt_ms" in r]
+    median = lambda key: sorted(r[key] for r in steps)[len(steps) // 2] if steps and key in steps[0] else None  # noqa
+    tokens = config.get("max_steps", 0) * config.get("total_batch", 0)
+    lines = [f"# {config.get('preset', 'a run')}: {count(tokens)} tokens of {config.get('data_dir', '?')}", "",
+             "| setting | value |", "| --- | --- |"]  # fmt: skip
+    shape = f"{config.get('n_layer')} layers x {config.get('n_embd')} wide, {config.get('n_head')} heads"
+    settings = dict(model=f"{shape}, {config.get('n_params', 0):,} parameters",
+                    batch=f"{config.get('total_batch', 0):,} tokens/step ({config.get('micro_batch')} x "
+                          f"{config.get('seq_len')} x {config.get('world_size')} processes x "
+                          f"{config.get('grad_accum_steps')} accumulation)",
+                    steps=f"{config.get('max_steps')} (warmup {config.get('warmup_steps')}), max lr "
+                          f"{config.get('max_lr')}, weight decay {config.get('weight_decay')}",
+                    machine=f"{config.get('world_size')} x {config.get('device_name')}, torch {config.get('torch')}",
+                    time=f"{duration(sum(r['dt_ms'] for r in steps) / 1000)} of steps"
+                         + (f", {duration(end['seconds'])} in the last run" if end.get("seconds") else ""))  # fmt: skip
+    if median("tokens_per_sec"):
+        settings["speed"] = f"{median('tokens_per_sec'):,.0f} tokens/s (median step)"
+        settings["speed"] += f", {100 * median('mfu'):.1f}% MFU" if median("mfu") else ""
+    if "val_loss" in last:
+        settings["final val loss"] = f"{last['val_loss']:.4f}"
+    lines += [f"| {k} | {v} |" for k, v in settings.items()]
+    if "hellaswag_acc" in last:
+        ours = [100 * last[f"hellaswag_{k}"] for k in ("acc", "acc_norm", "harness_acc", "harness_acc_norm")]
+        row = "| {} | {:.2f} / {:.2f} | {:.2f} / {:.2f} |"
+        lines += ["", f"HellaSwag ({last['hellaswag_examples']:,} examples), acc / acc_norm in percent:", "",
+                  "| model | completion | harness |", "| --- | --- | --- |", row.format("this run", *ours),
+                  row.format("GPT-2 124M (published)", *GPT2_124M_REFERENCE)]  # fmt: skip
+    lines += ["", "![train and val loss](loss.png)"]
+    samples = next((r["samples"] for r in reversed(records) if "samples" in r), [])
+    if samples:
+        prompt = config.get("sample_prompt", "")
+        lines += ["", f"Samples at step {last['step']}:", ""] + [
+            f"> {prompt}{text}".replace("\n", " ") for text in samples
+        ]
+    with atomic_write(report_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("log", help="a log.jsonl written by train.py")
@@ -72,6 +236,10 @@ def main(argv=None):
     check_output_path(png, "the plot")
     plot_log(args.log, png)
     print(f"wrote {png}")
+    if any(r.get("event") == "finished" for r in read_jsonl(args.log) if isinstance(r, dict)):
+        report = os.path.join(os.path.dirname(args.log), "report.md")
+        write_report(args.log, report)
+        print(f"wrote {report}")
 
 
 if __name__ == "__main__":

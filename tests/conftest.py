@@ -170,7 +170,7 @@ class Started:
 
     def wait_for_step(self, step, timeout=120):
         """Until train.py prints the line of this optimizer step (the step is done and logged)."""
-        return self.wait_for(rf"^step\s+{step} \|", timeout=timeout)
+        return self.wait_for(rf"^step\s+{step}/", timeout=timeout)
 
     def send_signal(self, signum):
         self.proc.send_signal(signum)

@@ -10,9 +10,10 @@ import sys
 import pytest
 import torch
 
-from checkpoint import check_resumable, load_checkpoint, load_model
+from checkpoint import check_resumable, load_checkpoint
 from conftest import ROOT, cli, copy_run, one_line_error, start_script, tiny
 from utils import UserError
+from weights import load_model
 
 
 def test_a_file_size_limit_during_a_checkpoint_write_is_one_line_and_the_older_ones_stay(

@@ -1,4 +1,4 @@
-"""Checkpoints of nanoGPT and build-nanogpt load everywhere a model is taken (checkpoint.load_model: sample.py,
+"""Checkpoints of nanoGPT and build-nanogpt load everywhere a model is taken (weights.load_model: sample.py,
 hellaswag.py), built here from their documented formats, and compute what those models compute."""
 
 import json
@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_model
 from conftest import cli, ok
 from utils import UserError
+from weights import load_model
 
 SHAPE = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=50304)
 

@@ -9,10 +9,11 @@ import sys
 import pytest
 import torch
 
-from checkpoint import load_model, read_log
+from checkpoint import read_log
 from conftest import cli, ok, one_line_error, one_thread_env, run_script, tiny, train_losses
 from test_checkpoints import write_nanogpt_checkpoint
 from utils import ShardedDataLoader
+from weights import load_model
 
 
 @pytest.fixture(scope="session")

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import hellaswag
-from checkpoint import load_model
 from conftest import cli, ok, torchrun
 from hellaswag import synthetic_examples
 from utils import UserError, get_tokenizer
+from weights import load_model
 
 
 @pytest.fixture

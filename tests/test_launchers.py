@@ -68,10 +68,10 @@ def slowest_step_s(out):
 
 
 def test_sigterm_to_train_sh_stops_the_ranks_inside_a_step_longer_than_the_grace_and_exits_143(data_dir, tmp_path):
-    """Kubernetes signals only the container's first process. Steps of about 7 s (64 micro-steps), torchrun's grace
+    """Kubernetes signals only the container's first process. Steps of about 8 s (128 micro-steps), torchrun's grace
     4 s: the ranks stop at the next micro-step, so they have written the checkpoint and ended before it is over."""
     out = tmp_path / "run"
-    run = start_train_sh(data_dir, out, total_batch=16384, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="4")
+    run = start_train_sh(data_dir, out, total_batch=32768, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="4")
     run.wait_for_step(0, timeout=300)  # the next step has begun
     t0 = time.time()
     run.send_signal(signal.SIGTERM)  # to train.sh alone
@@ -85,7 +85,7 @@ def test_a_signal_to_every_process_at_once_as_slurm_sends_it_is_one_stop(data_di
     """SLURM signals every process of the job: train.sh, torchrun and the ranks, which then get it again from
     torchrun. Before the ranks took a repeat as the same stop, the second one killed them without a checkpoint."""
     out = tmp_path / "run"
-    run = start_train_sh(data_dir, out, total_batch=16384, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="4")
+    run = start_train_sh(data_dir, out, total_batch=32768, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="4")
     run.wait_for_step(0, timeout=300)  # the next step has begun
     t0 = time.time()
     for pid in [run.pid, *descendants(run.pid)]:

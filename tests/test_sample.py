@@ -7,9 +7,9 @@ import torch
 
 import model as model_module
 import sample
-from checkpoint import load_model
 from conftest import cli, ok
 from utils import EOT, get_tokenizer
+from weights import load_model
 
 
 def sample_json(ckpt, tmp_path, *args, name="out.json"):

@@ -66,18 +66,27 @@ def test_log_checkpoints_samples_plot_and_export(data_dir, tmp_path):
     assert [r["step"] for r in evals] == [0, 10, 20] and evals[-1]["val_loss"] < evals[0]["val_loss"]
     samples = [r for r in lines if "samples" in r]
     assert [r["step"] for r in samples] == [10, 20] and all(isinstance(t, str) for t in samples[0]["samples"])
-    assert sorted(os.listdir(out)) == ["ckpt_000015.pt", "ckpt_000020.pt", "log.jsonl", "loss.png", "train.lock"]
+    assert sorted(os.listdir(out)) == [
+        "ckpt_000015.pt", "ckpt_000020.pt", "log.jsonl", "loss.png", "report.md", "train.lock"]  # fmt: skip
     ckpt = load_checkpoint(str(out / "ckpt_000020.pt"))
     assert {"model", "optimizer", "model_config", "config", "step", "train_loader", "rng", "val_loss"} <= set(ckpt)
     assert ckpt["step"] == 20 and not any(k.startswith("_orig_mod.") for k in ckpt["model"])
     assert set(ckpt["rng"]) >= {"python", "numpy", "torch"}
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    # report.md: the one file to share, from the log alone
+    report = (out / "report.md").read_text()
+    assert report.startswith(f"# tiny: 10,240 tokens of {data_dir}\n")
+    assert f"| final val loss | {evals[-1]['val_loss']:.4f} |" in report
+    assert "| machine | 1 x CPU (" in report and f", torch {torch.__version__} |" in report
+    assert "| speed | " in report and " tokens/s (median step)" in report
+    assert "![train and val loss](loss.png)" in report
+    assert f"> Hello, I'm a language model,{samples[-1]['samples'][0]}".replace("\n", " ") in report
     ok(cli("misc/plot_log.py", out / "log.jsonl", tmp_path / "again.png"))
-    assert (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "again.png").read_bytes()[:4] == b"\x89PNG" and (out / "report.md").read_text() == report
 
     from transformers import GPT2LMHeadModel
 
-    from checkpoint import load_model
+    from weights import load_model
 
     hf_model = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     ours = load_model(str(out / "ckpt_000020.pt"))
