@@ -584,7 +584,8 @@ def sampling_speeds(model, device, new_tokens, samples=2, backend="inductor"):
         for new in model.generate_stream(idx, n, top_k=50, generator=generator, **kw):
             int(new[0, 0])  # each token to the host, as sample.py streams it
 
-    def tokens_per_sec(**kw):
+    def tokens_per_sec(what, **kw):
+        print(f"measuring {what}: a warm-up, then {samples} x {new_tokens} tokens ...", flush=True)
         draw(new_tokens, **kw)  # warm-up at the timed length (the cache's shape): compiles, records the CUDA graph
         t0 = time.perf_counter()
         for _ in range(samples):
@@ -592,9 +593,9 @@ def sampling_speeds(model, device, new_tokens, samples=2, backend="inductor"):
         return samples * new_tokens / (time.perf_counter() - t0)
 
     speeds = dict(
-        compiled_tokens_per_sec=tokens_per_sec(compile=backend),
-        tokens_per_sec=tokens_per_sec(compile=False),
-        uncached_tokens_per_sec=tokens_per_sec(use_cache=False),
+        compiled_tokens_per_sec=tokens_per_sec(f"the compiled step ({backend}) on the KV cache", compile=backend),
+        tokens_per_sec=tokens_per_sec("the uncompiled step on the KV cache", compile=False),
+        uncached_tokens_per_sec=tokens_per_sec("no cache", use_cache=False),
     )
     greedy = [model.generate(idx, new_tokens, temperature=0, compile=c)[0].tolist() for c in (backend, False)]
     return dict(
@@ -669,6 +670,9 @@ def write_pydocs_shards(data_dir, quick=False):
 def bench_gpu(args):
     device = pick_device(args.device)
     name = device_name(device)
+    if not is_cuda(device) and not args.quick:
+        print(f"note: no GPU here ({name}): the full-size checks take hours on a CPU; --quick checks the report's "
+              "wiring with small shapes in seconds", flush=True)  # fmt: skip
     report = dict(
         device=name,
         device_arg=device,

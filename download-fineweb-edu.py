@@ -71,7 +71,7 @@ FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "te
 @dataclass
 class Config:
     out_dir: str = "edu_fineweb10B"  # where the shards and manifest.json go
-    prefix: str = "edufineweb"  # shard names: <prefix>_<split>_<NNNNNN>.npy
+    prefix: str = None  # shard names <prefix>_<split>_<NNNNNN>.npy (default: edufineweb for FineWeb-Edu, else shard)
     dataset: str = "HuggingFaceFW/fineweb-edu"  # Hugging Face dataset
     name: str = "sample-10BT"  # the dataset's config
     split: str = "train"  # the dataset's split
@@ -93,7 +93,7 @@ def parse_args(argv=None):
     check_flags(args, "at least 1", lambda v: v >= 1, "shard_size", "max_tokens", "workers", "retries", "connections")
     check_flags(args, "0 or more", lambda v: v >= 0, "retry_wait")
     check_flags(args, "more than 0", lambda v: v > 0, "stall_seconds")
-    check_flags(args, "a plain file-name part", lambda p: p and "/" not in p and not p.startswith("."), "prefix")
+    check_flags(args, "a plain file-name part", lambda p: p is None or p and "/" not in p and p[0] != ".", "prefix")
     check_flags(args, "a directory name", bool, "out_dir")
     args.workers = min(args.workers, os.cpu_count() or 1)  # more processes than cores only costs memory
     return args
@@ -108,6 +108,9 @@ def main(argv=None):
         print(f"ok: {len(manifest['shards'])} shards, {tokens:,} tokens match {MANIFEST} ({state})")
         return
     check_out_dir(args.out_dir)
+    if args.prefix is None:  # an out dir goes on with the names it began with
+        manifest = read_manifest(args.out_dir) if os.path.exists(os.path.join(args.out_dir, MANIFEST)) else {}
+        args.prefix = manifest.get("source", {}).get("prefix") or ("shard" if args.data_files else "edufineweb")
     retry = Retry(args.retries, args.retry_wait, then="the finished shards are kept: run again to continue")
     source = source_settings(args)
     manifest = load_manifest(args.out_dir, source)

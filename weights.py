@@ -18,6 +18,7 @@ from dataclasses import asdict
 import torch
 
 from checkpoint import check_shapes, list_checkpoints, load_checkpoint
+from http_files import check_hub_reachable
 from model import CONV1D_WEIGHTS, GPT, GPT2_VOCAB_SIZE, MODEL_SIZES, GPTConfig
 from utils import UserError, atomic_write, first_line, gpt2_bpe_files, write_json
 
@@ -39,6 +40,12 @@ def load_model(spec, device="cpu"):
         checkpoint = load_checkpoint(spec, foreign=[(ForeignConfig, "__main__.GPTConfig")])
         model = model_from_checkpoint(checkpoint, spec)
     elif os.path.isdir(spec) or spec in MODEL_SIZES:
+        if not os.path.isdir(spec) and not hub_offline():  # no network: one line at once, not the hub client's retries
+            try:
+                check_hub_reachable()
+            except ConnectionError as e:
+                raise UserError(f"cannot fetch {spec!r} from the Hugging Face hub: {first_line(e)}; with no network, "
+                                "pass a local directory written by transformers' save_pretrained") from e  # fmt: skip
         try:
             model = GPT.from_pretrained(spec)
         except (RuntimeError, ValueError, OSError) as e:  # said in words by from_pretrained
@@ -51,6 +58,13 @@ def load_model(spec, device="cpu"):
             f"or one of {', '.join(MODEL_SIZES)}"
         )
     return model.to(device).eval()
+
+
+def hub_offline():
+    """HF_HUB_OFFLINE: the hub client reads only its cache (it read the variable when it was imported)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE"))
 
 
 def newest_checkpoint_in(directory):

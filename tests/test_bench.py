@@ -65,6 +65,18 @@ def test_bench_sample_prints_compiled_uncompiled_and_uncached_side_by_side(tiny_
     assert abs(compile_speedup - rates["compiled step, KV cache"] / rates["uncompiled, KV cache"]) < 0.01
     assert abs(cache_speedup - rates["uncompiled, KV cache"] / rates["uncompiled, no cache"]) < 0.01
     assert ratios.endswith("greedy tokens compiled = uncompiled: True")
+    assert "measuring the compiled step (inductor) on the KV cache: a warm-up, then 2 x 56 tokens ..." in r.stdout
+
+
+def test_bench_gpu_on_a_machine_without_a_gpu_says_so_before_the_full_size_checks(tmp_path, monkeypatch):
+    import bench
+
+    def stop(*args):
+        raise KeyboardInterrupt  # the first full-size work: as far as this test goes
+
+    monkeypatch.setattr(bench, "write_pydocs_shards", stop)
+    r = cli("bench.py", "gpu", "--device", "cpu", "--out", tmp_path / "r.json")
+    assert r.returncode == 130 and r.stdout.startswith("note: no GPU here (CPU, ") and "--quick checks" in r.stdout
 
 
 def test_bench_download_prints_local_and_wan_side_by_side_with_requests_per_row_group():

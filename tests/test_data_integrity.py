@@ -51,29 +51,29 @@ def test_a_second_downloader_on_the_same_out_dir_is_refused_and_touches_nothing(
     manifest = json.loads((data / "manifest.json").read_text())
     manifest["shards"], manifest["complete"] = manifest["shards"][:3], False  # a run still going
     (data / "manifest.json").write_text(json.dumps(manifest))
-    (data / "edufineweb_train_000003.npy.4242.tmp").write_bytes(b"the first run's shard, being written")
+    (data / "shard_train_000003.npy.4242.tmp").write_bytes(b"the first run's shard, being written")
     with take_out_dir(str(data), DOWNLOADER, "nothing"):  # the first run holds the directory
         r = cli(DOWNLOADER, "--data-files", corpus, "--out-dir", data, "--shard-size", 3000)
         one_line_error(r, f"{data} is in use by another {DOWNLOADER} (pid {os.getpid()} on ")
         r = cli(DOWNLOADER, "--data-files", corpus, "--out-dir", data, "--shard-size", 5000)
         one_line_error(r, f"{data} holds shards made with shard_size=3000, not 5000")
-    assert (data / "edufineweb_train_000003.npy.4242.tmp").exists()
+    assert (data / "shard_train_000003.npy.4242.tmp").exists()
     assert shard_names(data) == shard_names(out)
     ok(cli(DOWNLOADER, "--data-files", corpus, "--out-dir", data, "--shard-size", 3000))  # the lock is gone
-    assert not (data / "edufineweb_train_000003.npy.4242.tmp").exists()  # now it is a leftover
+    assert not (data / "shard_train_000003.npy.4242.tmp").exists()  # now it is a leftover
     assert all((data / n).read_bytes() == (out / n).read_bytes() for n in shard_names(out))
 
 
 def test_training_reads_the_shards_the_manifest_lists_and_names_the_strays(shards_dir, tmp_path, capsys):
     _, out = shards_dir
     data = copy_of(out, tmp_path)
-    (data / "other_train_000001.npy").write_bytes((data / "edufineweb_train_000001.npy").read_bytes())
-    (data / "edufineweb_train_000099.npy").write_bytes((data / "edufineweb_train_000002.npy").read_bytes())
+    (data / "other_train_000001.npy").write_bytes((data / "shard_train_000001.npy").read_bytes())
+    (data / "shard_train_000099.npy").write_bytes((data / "shard_train_000002.npy").read_bytes())
     loader = ShardedDataLoader(str(data), "train", 2, 16)
     manifest = json.loads((data / "manifest.json").read_text())
     assert [os.path.basename(p) for p in loader.paths] == [s["file"] for s in manifest["shards"][1:]]
     err = capsys.readouterr().err
-    assert "warning: 2 train shards in" in err and "edufineweb_train_000099.npy, other_train_000001.npy" in err
+    assert "warning: 2 train shards in" in err and "other_train_000001.npy, shard_train_000099.npy" in err
     ShardedDataLoader(str(data), "train", 2, 16, process_rank=1, num_processes=2)
     assert capsys.readouterr().err == ""  # said once, by rank 0
 
@@ -81,7 +81,7 @@ def test_training_reads_the_shards_the_manifest_lists_and_names_the_strays(shard
 def test_a_replaced_or_cut_shard_is_noticed_when_training_opens_it(shards_dir, tmp_path):
     _, out = shards_dir
     data = copy_of(out, tmp_path)
-    path = data / "edufineweb_train_000002.npy"
+    path = data / "shard_train_000002.npy"
     tokens = np.load(path)
     np.save(path, tokens[::-1].copy())  # other tokens, the same size
     with pytest.raises(UserError, match=f"shard {path} is not the one manifest.json lists: it changed since"):
@@ -103,15 +103,15 @@ def test_a_first_document_longer_than_the_val_shard_is_cut_and_not_continued_in_
     ok(cli(DOWNLOADER, "--data-files", corpus, "--out-dir", out, "--shard-size", 3000, "--workers", 1))
     enc = get_tokenizer()
     first = [EOT, *enc.encode_ordinary(texts[0])]
-    assert np.load(out / "edufineweb_val_000000.npy").tolist() == first[:3000]
+    assert np.load(out / "shard_val_000000.npy").tolist() == first[:3000]
     rest = [t for text in texts[1:] for t in (EOT, *enc.encode_ordinary(text))]
-    assert np.load(out / "edufineweb_train_000001.npy").tolist() == rest  # starts with the next document
+    assert np.load(out / "shard_train_000001.npy").tolist() == rest  # starts with the next document
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["shards"][0]["next"] == [1, 0] and manifest["shards"][0]["last_document"] == 0
     ok(cli(DOWNLOADER, "--verify", "--out-dir", out))
 
 
-@pytest.mark.parametrize("name", ["../edufineweb_train_000001.npy", "/etc/edufineweb_train_000001.npy", "x.npy"])
+@pytest.mark.parametrize("name", ["../shard_train_000001.npy", "/etc/shard_train_000001.npy", "x.npy"])
 def test_a_manifest_that_names_a_file_outside_its_directory_is_refused(shards_dir, tmp_path, name):
     corpus, out = shards_dir
     data = copy_of(out, tmp_path)

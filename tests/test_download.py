@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import DOWNLOADER, ROOT, cli, make_corpus, wait_until
+from conftest import DOWNLOADER, ROOT, cli, make_corpus, ok, wait_until
 from utils import EOT, get_tokenizer
 
 SCRIPT = os.path.join(ROOT, DOWNLOADER)
@@ -62,18 +62,32 @@ def test_every_document_exactly_once_with_eot_layout(corpus, reference):
 
 def test_shard_names_sizes_and_split(reference):
     names = shard_files(reference)
-    assert names[0] == "edufineweb_train_000001.npy" and names[-1] == "edufineweb_val_000000.npy"
+    assert names[0] == "shard_train_000001.npy" and names[-1] == "shard_val_000000.npy"
     train = [n for n in names if "_train_" in n]
-    assert train == [f"edufineweb_train_{i:06d}.npy" for i in range(1, len(train) + 1)]
+    assert train == [f"shard_train_{i:06d}.npy" for i in range(1, len(train) + 1)]
     sizes = [len(np.load(reference / n)) for n in train]
     assert all(s == 3000 for s in sizes[:-1]) and 0 < sizes[-1] <= 3000
-    val = np.load(reference / "edufineweb_val_000000.npy")
+    val = np.load(reference / "shard_val_000000.npy")
     assert val.dtype == np.uint16 and 0 < len(val) <= 3000
     # the val shard holds whole documents: the train split starts with a document's EOT
     assert val[0] == EOT and np.load(reference / train[0])[0] == EOT
     manifest = json.loads((reference / "manifest.json").read_text())
-    assert manifest["complete"] and [s["file"] for s in manifest["shards"]] == ["edufineweb_val_000000.npy", *train]
+    assert manifest["complete"] and [s["file"] for s in manifest["shards"]] == ["shard_val_000000.npy", *train]
     assert manifest["shards"][0]["first_document"] == 0 and manifest["documents"] == 400
+
+
+def test_shards_of_your_own_files_are_named_shard_and_an_out_dir_keeps_the_names_it_began_with(corpus, tmp_path):
+    out = tmp_path / "out"
+    ok(run("--data-files", corpus[0], "--out-dir", out, "--shard-size", 3000, "--max-tokens", 3000))
+    assert shard_files(out) == ["shard_train_000001.npy", "shard_val_000000.npy"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["source"]["prefix"], manifest["complete"] = "edufineweb", False  # begun before shard was the default
+    for shard in manifest["shards"]:
+        os.rename(out / shard["file"], out / shard["file"].replace("shard_", "edufineweb_"))
+        shard["file"] = shard["file"].replace("shard_", "edufineweb_")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    ok(run("--data-files", corpus[0], "--out-dir", out, "--shard-size", 3000, "--max-tokens", 3000))
+    assert shard_files(out) == ["edufineweb_train_000001.npy", "edufineweb_val_000000.npy"]
 
 
 def test_output_does_not_depend_on_worker_count(corpus, reference, tmp_path):
@@ -89,10 +103,10 @@ def test_max_tokens_counts_train_tokens_after_val(corpus, reference, tmp_path):
     assert r.returncode == 0, r.stderr
     names = shard_files(tmp_path / "out")
     assert names == [
-        "edufineweb_train_000001.npy",
-        "edufineweb_train_000002.npy",
-        "edufineweb_train_000003.npy",
-        "edufineweb_val_000000.npy",
+        "shard_train_000001.npy",
+        "shard_train_000002.npy",
+        "shard_train_000003.npy",
+        "shard_val_000000.npy",
     ]
     assert sum(len(np.load(tmp_path / "out" / n)) for n in names[:3]) == 7500
     full = read_stream(reference)
@@ -218,7 +232,7 @@ def test_verify_catches_a_flipped_byte_and_a_truncated_shard(reference, tmp_path
     shutil.copytree(reference, out)
     r = run("--verify", "--out-dir", out)
     assert r.returncode == 0 and r.stdout.startswith(f"ok: {len(shard_files(out))} shards")
-    shard = out / "edufineweb_train_000002.npy"
+    shard = out / "shard_train_000002.npy"
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0x01
     shard.write_bytes(bytes(data))
@@ -228,7 +242,7 @@ def test_verify_catches_a_flipped_byte_and_a_truncated_shard(reference, tmp_path
         and r.stderr.strip() == f"error: verify failed: {shard} does not match its sha256 in the manifest"
     )
     shutil.copy(reference / shard.name, shard)
-    other = out / "edufineweb_train_000001.npy"
+    other = out / "shard_train_000001.npy"
     np.save(other, np.load(other)[:-10])
     r = run("--verify", "--out-dir", out)
     assert (
@@ -349,14 +363,14 @@ def test_disk_full_removes_the_partial_shard_and_keeps_the_manifest_valid(corpus
     with pytest.raises(
         downloader.UserError,
         match=r"the disk holding .*out is full \(.* MB free, 0.0 MB needed\) while writing "
-        ".*edufineweb_train_000002.npy: the partial shard was removed, the 2 finished shards",
+        ".*shard_train_000002.npy: the partial shard was removed, the 2 finished shards",
     ):
         downloader.main(args)
     assert sorted(os.listdir(out)) == [
         "download-fineweb-edu.lock",
-        "edufineweb_train_000001.npy",
-        "edufineweb_val_000000.npy",
         "manifest.json",
+        "shard_train_000001.npy",
+        "shard_val_000000.npy",
     ]
     assert run("--verify", "--out-dir", out).returncode == 0
     monkeypatch.setattr(downloader.np, "save", real_save)

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -71,11 +72,19 @@ def test_a_resumed_fine_tune_continues_from_its_own_checkpoint_exactly(data_dir,
     assert train_losses(tmp_path / "resumed") == {step: straight[step] for step in range(3, 6)}
 
 
-def test_a_bad_init_spec_or_a_contradicting_flag_is_one_line(data_dir, hf_dir, tmp_path):
+def test_a_bad_init_spec_or_a_contradicting_flag_is_one_line(data_dir, hf_dir, tmp_path, monkeypatch):
     r = cli("train.py", *tiny(data_dir, tmp_path / "a", "--init-from", "no-such-model"))
     one_line_error(r, "no model 'no-such-model': give a checkpoint .pt, an out dir, a transformers directory")
     r = cli("train.py", *tiny(data_dir, tmp_path / "b", "--init-from", hf_dir, "--n-layer", 3))
     one_line_error(r, f"--n-layer 3 contradicts --init-from {hf_dir}, whose weights have --n-layer 2")
+    # GPT-2 from the hub with no network: one line at once, not the hub client's half minute of retries
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    t0, env = time.time(), dict(HF_HUB_OFFLINE=None, HF_ENDPOINT="http://no-such-host.invalid")
+    r = cli("train.py", *tiny(data_dir, tmp_path / "g", "--init-from", "gpt2"), env=env)
+    one_line_error(r, "cannot fetch 'gpt2' from the Hugging Face hub: cannot reach http://no-such-host.invalid (")
+    assert len(r.stderr.strip().splitlines()) == 1 and time.time() - t0 < 10
     r = cli("train.py", *tiny(data_dir, tmp_path / "c", "--init-from", hf_dir, "--seq-len", 128))
     one_line_error(r, f"--seq-len 128 is longer than the context of --init-from {hf_dir} (64 tokens)")
 

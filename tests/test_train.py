@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -54,8 +55,14 @@ def test_lr_schedule():
 
 def test_log_checkpoints_samples_plot_and_export(data_dir, tmp_path):
     out = tmp_path / "run"
-    ok(cli("train.py", *tiny(data_dir, out, "--keep-checkpoints", 2, "--export", tmp_path / "hf")))
+    r = ok(cli("train.py", *tiny(data_dir, out, "--keep-checkpoints", 2, "--export", tmp_path / "hf")))
     lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    # the plan at the start; each step's line says where the run is and how long the rest takes; samples with prompt
+    assert "plan: 20 steps x 512 tokens = 10,240 tokens (steps 0..20) on 1 x CPU (" in r.stdout
+    assert re.search(r"^step +19/20 \| loss [0-9.]+ .* \| eta 0s$", r.stdout, re.M), r.stdout
+    assert (
+        re.search(r"^sample: ['\"]Hello, I'm a language model,", r.stdout, re.M) and "finished 20 steps in " in r.stdout
+    )
     first = lines[0]
     assert (first["event"], first["world_size"], first["grad_accum_steps"]) == ("config", 1, 4)
     assert first["total_batch"] == 512
@@ -150,6 +157,7 @@ def test_refuses_to_overwrite_a_run_and_resumes_past_a_damaged_checkpoint(data_d
     (out / "ckpt_000020.pt").write_bytes((out / "ckpt_000020.pt").read_bytes()[:1000])  # damaged
     r = ok(cli("train.py", *tiny(data_dir, out, "--resume")))
     assert "warning: skipping" in r.stderr and "ckpt_000020.pt" in r.stderr
+    assert f"resuming from {out / 'ckpt_000015.pt'} (step 15)" in r.stdout  # which checkpoint it loaded
     assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == 20
     events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e.get("event") == "resume"] == [15]
@@ -176,6 +184,14 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, fin
     one_line_error(r, "stopped. The last good checkpoint is")
     assert "ckpt_000010.pt" in r.stderr
     assert load_checkpoint(str(out / "ckpt_000010.pt"))["step"] == 10
+
+
+def test_help_says_every_default_once():
+    for script in ("train.py", "download-fineweb-edu.py", "sample.py", "hellaswag.py"):
+        r = cli(script, "--help")
+        assert r.returncode == 0 and "--out" in r.stdout, r.stderr
+        flags = " ".join(r.stdout.split()).split(" --")  # the help folds lines: one piece per flag
+        assert not [f for f in flags if f.count("(default") > 1], script
 
 
 def test_errors_are_one_line(data_dir, tmp_path):
