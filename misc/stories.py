@@ -30,7 +30,7 @@ def prepare_quickstart(data_dir):
 
 
 def simple_stories(n_stories, seed=0):
-    """Short children's stories from a small generated grammar (72 words each on average, 49 to 96), the same for a seed.
+    """Short children's stories from a small generated grammar (72 words on average, 49 to 96), the same for a seed.
     On Python's docs a 7M model still wrote word salad after 600k tokens (val loss 5.6); on these it writes
     grammatical sentences, dialogue and the shape of a story in the same few CPU minutes."""
     rng = random.Random(seed)
