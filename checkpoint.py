@@ -6,7 +6,13 @@ checkpoint where one can be written), and the random generators' state.
 
 A checkpoint holds everything the next step depends on: the weights, the optimizer's moments, the loader's position
 and the fingerprints of the shards it reads, every random generator's state. A resumed run goes on with the very
-next batch, on any number of GPUs; on a CPU it logs the same loss at every step as a run never stopped.
+next batch, on any number of GPUs. On a CPU it logs the same loss at every step as a run never stopped: utils.py turns
+on MKL's reproducible mode (MKL_CBWR=AUTO,STRICT unless set), and the tests that compare losses bit for bit across
+processes run with one math thread (with two, the last bit has been seen to differ between two processes of the same
+run: 2-core AMD EPYC, about 1 run in 15). On CUDA some kernels accumulate with atomics (the embedding's backward, for
+one), so two runs, resumed or not, agree to rounding, not bit for bit (bench.py gpu's kill_and_resume: within 0.0002
+nats over 10 steps on an H100 and an H200, 2026-11-28). Rank 0 alone reads a checkpoint, memory-mapped, and sends it
+to the others.
 """
 
 import contextlib
@@ -359,10 +365,10 @@ def check_weights(model, step, out_dir):
 
 
 class StopSignal:
-    """SIGTERM (how SLURM and Kubernetes stop a job) or Ctrl-C: the run stops at the next micro-step, writes a
-    checkpoint and exits. One stop may arrive more than once (SLURM signals every process, and torchrun passes it on
-    too): a signal within REPEAT_S of the first is that one again; a later one ends the run at once. Caught in a with
-    block."""
+    """SIGTERM (how SLURM and Kubernetes stop a job), Ctrl-C or a hang-up (a closed terminal): the run stops at the
+    next micro-step or evaluation batch, writes a checkpoint and exits. One stop may arrive more than once (SLURM
+    signals every process, torchrun passes it on): a signal within REPEAT_S of the first is that one again; a later one
+    ends the run at once. Caught in a with block."""
 
     REPEAT_S = 2.0
 
@@ -387,7 +393,8 @@ class StopSignal:
         return int(signum.item())
 
     def __enter__(self):
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # SIGHUP: the terminal closed (an SSH session dropped)
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in stops}
         return self
 
     def __exit__(self, *exc):  # the handlers from before

@@ -8,16 +8,19 @@ https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu
     python download-fineweb-edu.py --verify                 # check every shard against the manifest
 
 The dataset is read as its files in a fixed order (listed once through huggingface_hub, pinned to the dataset's
-commit); parquet files are read with HTTP range requests, so only the text column of the row groups needed is fetched.
-Each document becomes <|endoftext|> followed by its tokens; the token stream is cut into uint16 shards of --shard-size
-tokens: first the val shard <prefix>_val_000000.npy (whole documents only), then train shards
-<prefix>_train_000001.npy, ... until --max-tokens train tokens. Shards are written atomically and recorded in
-manifest.json with the (file, row) where the next one starts: a killed run started again with the same arguments opens
-that file at that row, fetches nothing before it, and ends with byte-identical files. Network errors that pass
-(connection resets, timeouts, HTTP 429 and 5xx) are retried with exponential backoff; the others (404, 401/403) stop.
+commit); parquet files are read with HTTP range requests, only the text column of the row groups needed (http_files.py
+says how). Each document becomes <|endoftext|> and its tokens; the stream is cut into uint16 shards of --shard-size
+tokens: the val shard <prefix>_val_000000.npy (whole documents only), then <prefix>_train_000001.npy, ... until
+--max-tokens train tokens. Each shard is written atomically, then recorded in manifest.json (tokens, first and last
+document, sha256, fingerprint, and where the next one starts: document and offset, `next`, and file and row,
+`next_position`): a killed run started again with the same arguments opens that file at that row, fetches nothing
+before it, and ends with byte-identical files. A full disk removes the partial shard and leaves the manifest valid.
 
-This file, top to bottom: Config, main, the tokenize-to-shards loop, the shard writer and the manifest, the readers
-of documents, and the tokenizer processes.
+Tokenizer processes come from a fork server, never forked while threads download (a fork copies their locks as they
+are). Batches go out at most two per process and come back in order: the shards do not depend on --workers. None
+outlives this process however it ends (Ctrl-C or SIGTERM: exit 130 or 143, finished shards kept), even by kill -9;
+one that dies is a one-line error at once. Below: Config, main, the tokenize-to-shards loop, the shard writer and the
+manifest, the readers of documents, and the tokenizer processes.
 """
 
 import os
@@ -359,8 +362,7 @@ def verify(out_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# reading documents: which files, in which order, and (file, row) positions, so that a resume starts where the last
-# shard ended
+# reading documents: which files, in which order, and (file, row) positions that a resume starts from
 
 
 def input_files(args, source, retry):

@@ -1,5 +1,10 @@
 """
-GPT-2, exactly as OpenAI built it, in one file.
+GPT-2, exactly as OpenAI built it, in one file: learned position embeddings, pre-LayerNorm blocks, causal
+self-attention (F.scaled_dot_product_attention: flash attention on CUDA), a 4x MLP with tanh GELU, the head tied to the
+token embedding, GPT-2's initialisation (N(0, 0.02), the residual projections scaled by 1/sqrt(2 n_layer)). The
+vocabulary is padded from 50,257 to 50,304 (a multiple of 64) for faster matmuls; sampling never emits the padding ids.
+GPT.from_pretrained loads OpenAI's weights (the hub's gpt2 ... gpt2-xl, or a save_pretrained directory) without
+transformers; a test checks the logits against transformers' within 1e-4.
 
 References:
 1) OpenAI's GPT-2 TensorFlow code: https://github.com/openai/gpt-2/blob/master/src/model.py

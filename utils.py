@@ -138,9 +138,10 @@ def shard_fingerprint(path):
 
 
 def open_shard(path, entry=None):
-    """Memory-map a shard: pages are read on demand, so memory does not grow with shard size or count. With its
-    manifest entry, the shard must be the one the downloader wrote."""
-    if entry and "fingerprint" in entry and os.path.exists(path) and shard_fingerprint(path) != entry["fingerprint"]:
+    """A shard memory-mapped (pages are read on demand, so memory does not grow with shard size or count) and its
+    fingerprint. With its manifest entry, the shard must be the one the downloader wrote."""
+    fingerprint = shard_fingerprint(path) if os.path.exists(path) else None
+    if entry and "fingerprint" in entry and fingerprint not in (None, entry["fingerprint"]):
         raise UserError(f"shard {path} is not the one manifest.json lists: it changed since it was written")
     try:
         tokens = np.load(path, mmap_mode="r")
@@ -152,7 +153,7 @@ def open_shard(path, entry=None):
         raise UserError(f"shard {path} must be a non-empty 1-D array, has shape {tokens.shape}")
     if entry and len(tokens) != entry["tokens"]:
         raise UserError(f"shard {path} holds {len(tokens):,} tokens, manifest.json says {entry['tokens']:,}")
-    return tokens
+    return tokens, fingerprint
 
 
 def check_token_ids(tokens, path):
@@ -180,7 +181,7 @@ class ShardedDataLoader:
         self.shuffle, self.seed = shuffle, seed
         found = find_shards(data_dir, split, warn=process_rank == 0)
         self.paths = [path for path, _ in found]
-        self.shards = [open_shard(path, entry) for path, entry in found]
+        self.shards, self.fingerprints = map(list, zip(*(open_shard(path, entry) for path, entry in found)))
         self.lengths = np.array([len(s) for s in self.shards], dtype=np.int64)
         self.epoch_tokens = int(self.lengths.sum())
         needed = num_processes * B * T + 1
@@ -209,29 +210,37 @@ class ShardedDataLoader:
         return x, y
 
     def state_dict(self):
-        names = [os.path.basename(p) for p in self.paths]
-        return dict(position=self.position, shards=names, epoch_tokens=self.epoch_tokens, shuffle=self.shuffle,
+        """The read position, and what it is a position in: the shards (names and fingerprints) and the settings."""
+        return dict(position=self.position, shards=[os.path.basename(p) for p in self.paths],
+                    fingerprints=self.fingerprints, epoch_tokens=self.epoch_tokens, shuffle=self.shuffle,
                     seed=self.seed)  # fmt: skip
 
     def load_state_dict(self, state):
-        """Continue where state was, on the shards it was reading: shards a download added since are not read (the
-        stream would not be the one the run began with), and rank 0 says so."""
+        """Continue where state was, on the shards it was reading, with the same contents. Shards a download added
+        since are not read (the stream would not be the one the run began with), and rank 0 says so."""
         had, names = state.get("shards") or [], [os.path.basename(p) for p in self.paths]
         if had and names[: (n := len(had))] == had and n < len(names):  # the download went on after this run began
             self.paths, self.shards, self.lengths = self.paths[:n], self.shards[:n], self.lengths[:n]
-            self.epoch_tokens, self._order_epoch = int(self.lengths.sum()), None
+            self.fingerprints, self.epoch_tokens, self._order_epoch = (
+                self.fingerprints[:n],
+                int(self.lengths.sum()),
+                None,
+            )
             if self.process_rank == 0:
                 print(f"note: the run goes on with the {n} shards it began with ({names[n]} and the others added "
                       "since are for a new run)")  # fmt: skip
-        mine = self.state_dict()
-        for key in ("shards", "epoch_tokens", "shuffle", "seed"):
-            if state.get(key) != mine[key]:
-                what = f"{key} was {state.get(key)!r}, is now {mine[key]!r}"
-                if key == "shards":  # the first shard that differs, not every name: there may be thousands
-                    i = next((i for i, (a, b) in enumerate(zip(had, names)) if a != b), min(len(had), len(names)))
-                    was, now = (had + ["none"])[i], (names + [f"missing ({len(names)} shards here)"])[i]
-                    what = f"shard {i + 1} of the {len(had)} it read was {was}, here it is {now}"
-                raise UserError(f"the data loader state does not match this data: {what}")
+        mine, what = self.state_dict(), None
+        if had != names:  # the first shard that differs, not every name: there may be thousands
+            i = next((i for i, (a, b) in enumerate(zip(had, names)) if a != b), min(len(had), len(names)))
+            was, now = (had + ["none"])[i], (names + [f"missing ({len(names)} shards here)"])[i]
+            what = f"shard {i + 1} of the {len(had)} it read was {was}, here it is {now}"
+        elif changed := [a for a, b, c in zip(had, state.get("fingerprints") or [], self.fingerprints) if b != c]:
+            what = f"shard {changed[0]} holds other tokens than the run read (its size, first or last MB differ)"
+        else:
+            key = next((k for k in ("epoch_tokens", "shuffle", "seed") if state.get(k) != mine[k]), None)
+            what = key and f"{key} was {state.get(key)!r}, is now {mine[key]!r}"
+        if what:
+            raise UserError(f"the data loader state does not match this data: {what}")
         self.position = int(state["position"])
 
     def _read(self, start, n):
@@ -315,9 +324,10 @@ def first_line(e):
 
 def run_cli(main):
     """Run a script's main(): a UserError is one line on stderr and exit 2 (GPT2_TRACEBACK=1 shows the traceback).
-    SIGTERM (how schedulers stop a job) stops it the way Ctrl-C does, with exit status 143."""
+    SIGTERM (how schedulers stop a job) or SIGHUP stops it the way Ctrl-C does, with exit status 143 or 129."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is KeyboardInterrupt again, after the imports
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGHUP, interrupt)  # a closed terminal: the same clean stop
     for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets an escape, not a crash
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")

@@ -4,7 +4,9 @@ by transformers' save_pretrained, or from the Hugging Face hub (gpt2 ... gpt2-xl
 train.py --init-from. Out: a model as a transformers directory (train.py --export) that GPT2LMHeadModel and
 lm-eval-harness load.
 
-Other programs' checkpoints are read without running any of their code: nanoGPT's ckpt.pt (model_args; exact GELU,
+lm-eval-harness on an export: pip install "lm-eval[hf]" (plain lm-eval no longer brings transformers), then lm_eval
+--model hf --model_args pretrained=DIR --tasks hellaswag; offline it needs HellaSwag in its own cache. Other programs'
+checkpoints are read without running any of their code: nanoGPT's ckpt.pt (model_args; exact GELU,
 perhaps no biases; a compiled model's keys carry an _orig_mod. prefix) and build-nanogpt's model_NNNNN.pt (its config
 pickled as __main__.GPTConfig, a GPT-2 shape with tanh GELU).
 """

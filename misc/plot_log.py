@@ -77,7 +77,7 @@ class RunLog:
         steps = config.max_steps - start.step
         print(f"plan: {steps:,} steps x {config.total_batch:,} tokens = {count(steps * config.total_batch)} tokens "
               f"(steps {start.step}..{config.max_steps}) on {setup['world_size']} x {setup['device_name']}, "
-              f"{setup['grad_accum_steps']} micro-steps of {config.micro_batch} x {config.seq_len} tokens per step and "
+              f"{setup['grad_accum_steps']} micro-step(s) of {config.micro_batch} x {config.seq_len} tokens a step per "
               f"process; {n_params:,} parameters")  # fmt: skip
 
     def start_wandb(self, project, run_name, config):
@@ -218,9 +218,8 @@ def write_report(log_path, report_path):
     samples = next((r["samples"] for r in reversed(records) if "samples" in r), [])
     if samples:
         prompt = config.get("sample_prompt", "")
-        lines += ["", f"Samples at step {last['step']}:", ""] + [
-            f"> {prompt}{text}".replace("\n", " ") for text in samples
-        ]
+        lines += ["", f"Samples at step {last['step']}:"]
+        lines += [line for text in samples for line in ("", f"> {prompt}{text}".replace("\n", " "))]
     with atomic_write(report_path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
