@@ -1,8 +1,9 @@
 """
-What keeps a run alive: checkpoints (written whole or not at all, pruned, checked before anything is built from
-them), where a run starts (the newest checkpoint that loads, read by rank 0 and sent to every rank) and how it resumes,
-the out dir's lock, stopping (a signal, a launcher gone, an error on one rank: every rank stops together, with a
-checkpoint where one can be written), and the random generators' state.
+What keeps a run alive: files written whole or not at all (atomic_write: checkpoints, shards, manifests, reports),
+checkpoints (pruned, checked before anything is built from them), where a run starts (the newest checkpoint that
+loads, read by rank 0 and sent to every rank) and how it resumes, the out dir's lock, stopping (a signal, a launcher
+gone, an error on one rank: every rank stops together, with a checkpoint where one can be written), and the random
+generators' state.
 
 A checkpoint holds everything the next step depends on: the weights, the optimizer's moments, the loader's position
 and the fingerprints of the shards it reads, every random generator's state. A resumed run goes on with the very
@@ -35,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from model import GPT, GPTConfig
-from utils import UserError, atomic_write, first_line, is_cuda
+from utils import UserError, first_line, is_cuda
 
 CHECKPOINT_NAME = re.compile(r"^ckpt_(\d{6,})\.pt$")
 # settings a checkpoint cannot continue under; any other change on --resume is allowed and logged
@@ -100,7 +101,8 @@ def find_start(config):
             )
         log_path = os.path.join(config.out_dir, "log.jsonl")
         if step >= config.max_steps and os.path.exists(log_path):
-            start.finished = any(r.get("event") == "finished" and r.get("step") == step for r in read_jsonl(log_path))
+            ends = [r for r in read_jsonl(log_path) if r.get("event") in ("finished", "stopped")]  # the last one says
+            start.finished = bool(ends) and ends[-1]["event"] == "finished" and ends[-1].get("step") == step
         print(f"resuming from {start.path} (step {step})")
     return start
 
@@ -190,25 +192,57 @@ def read_log(path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the out dir: one run at a time, and what a kill left half-written
+# writing: whole files or none, the out dir checked first, one run at a time, and what a kill left half-written
 
 
-def check_out_dir(out_dir):
-    """Fail before any downloading or tokenizing if the shards could not be written; create nothing yet."""
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Write path through a temporary file beside it (<path>.<pid>.tmp): flushed to disk and renamed into place on
+    success, removed on failure. A reader, or a run started after a crash, never sees a half-written file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path, obj):
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+
+
+def check_out_dir(out_dir, flag="--out-dir"):
+    """Fail before any work if a directory could not be made or written (the downloader's shards, an export); create
+    nothing yet."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"--out-dir {out_dir} is a file, not a directory")
+        raise UserError(f"{flag} {out_dir} is a file, not a directory")
     existing = os.path.abspath(out_dir)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise UserError(f"cannot create --out-dir {out_dir}: {existing} is a file")
+        raise UserError(f"cannot create {flag} {out_dir}: {existing} is a file")
     probe = os.path.join(existing, f".write-test.{os.getpid()}.tmp")
     try:
         with open(probe, "w"):
             pass
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"cannot write to --out-dir {out_dir}: {e.strerror} ({existing})") from e
+        raise UserError(f"cannot write to {flag} {out_dir}: {e.strerror} ({existing})") from e
+
+
+def check_output_path(path, flag):
+    """Fail before any work if a result could not be written at path (a file, not a directory)."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a directory: give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path}: the directory {parent} does not exist")
 
 
 def take_out_dir(out_dir, script="train.py", leftovers=r"ckpt_\d{6,}\.pt|loss\.png"):
@@ -384,6 +418,17 @@ class StopSignal:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
 
+    def fail(self):
+        """Stop as a signal would, for a reason of the run's own (its log cannot be written): at the next micro-step,
+        with a checkpoint if one can be written."""
+        if self.signum is None:
+            self.signum, self.since = signal.SIGTERM, time.monotonic()
+
+    def arrived(self):
+        """Whether this rank got a stop signal: a check between evaluation batches, without a collective (the ranks
+        may have different numbers of batches); requested() then makes every rank agree."""
+        return self.signum is not None
+
     def requested(self, device):
         """The signal any rank received (0: none), the same on every rank, so that all stop at the same point."""
         if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -421,10 +466,17 @@ def fail_together(fn):
     return result
 
 
-def stop_when_launcher_dies():
+def watch_launcher(master_process):
     """The launcher gone (torchrun killed by kill -9, or out of memory): stop as if preempted, with a checkpoint at the
-    next micro-step, and free the out dir for the next run."""
+    next micro-step, and free the out dir for the next run. Restarts on (torchrun --max-restarts) without
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as train.sh sets it: restarted ranks may read a peer's address from the
+    attempt before and fail or hang (pytorch#135712); rank 0 says so, once."""
     when_gone(os.getppid(), lambda: os.kill(os.getpid(), signal.SIGTERM))
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS") or 0)
+    if master_process and restarts > 0 and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) == 0:
+            print("note: with --max-restarts, set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (train.sh does): else restarted "
+                  "ranks can read a peer's old address and fail or hang (pytorch#135712)")  # fmt: skip
 
 
 def when_gone(pid, then):

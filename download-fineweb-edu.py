@@ -18,13 +18,13 @@ before it, and ends with byte-identical files. A full disk removes the partial s
 
 Tokenizer processes come from a fork server, never forked while threads download (a fork copies their locks as they
 are). Batches go out at most two per process and come back in order: the shards do not depend on --workers. None
-outlives this process however it ends (Ctrl-C or SIGTERM: exit 130 or 143, finished shards kept), even by kill -9;
-one that dies is a one-line error at once. Below: Config, main, the tokenize-to-shards loop, the shard writer and the
-manifest, the readers of documents, and the tokenizer processes.
+outlives this process however it ends (Ctrl-C, SIGTERM: exit 130, 143, finished shards kept), even by kill -9; one
+that dies is a one-line error at once. Below: Config, main, the shards loop, writer and manifest, the readers, the pool.
 """
 
 import os
 import signal
+import sys
 
 if __name__ == "__main__":  # Ctrl-C while the imports below load (torch takes seconds): out at once, quietly
     signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))  # nothing is started or written yet
@@ -48,13 +48,12 @@ from multiprocessing.connection import wait
 import numpy as np
 from tqdm import tqdm
 
-from checkpoint import check_out_dir, describe_write_error, take_out_dir, when_gone
+from checkpoint import atomic_write, check_out_dir, describe_write_error, take_out_dir, when_gone, write_json
 from http_files import HTTPClient, HTTPFile, Retry, hub_files, is_remote, list_files, open_source, read_ahead
 from utils import (
     EOT,
     SHARD_NAME,
     UserError,
-    atomic_write,
     call_in_script,
     check_flags,
     check_token_ids,
@@ -64,7 +63,6 @@ from utils import (
     run_cli,
     sha256_file,
     shard_fingerprint,
-    write_json,
 )
 
 MANIFEST = "manifest.json"
@@ -113,7 +111,8 @@ def main(argv=None):
     check_out_dir(args.out_dir)
     if args.prefix is None:  # an out dir goes on with the names it began with
         manifest = read_manifest(args.out_dir) if os.path.exists(os.path.join(args.out_dir, MANIFEST)) else {}
-        args.prefix = manifest.get("source", {}).get("prefix") or ("shard" if args.data_files else "edufineweb")
+        fineweb_edu = not args.data_files and args.dataset == Config.dataset
+        args.prefix = manifest.get("source", {}).get("prefix") or ("edufineweb" if fineweb_edu else "shard")
     retry = Retry(args.retries, args.retry_wait, then="the finished shards are kept: run again to continue")
     source = source_settings(args)
     manifest = load_manifest(args.out_dir, source)
@@ -144,7 +143,7 @@ def write_shards(args, manifest, retry):
     print(f"done: {documents:,} documents, {manifest['tokens']:,} tokens in {len(manifest['shards'])} shards "
           f"(1 val, {n_train} train) under {args.out_dir}, {seconds:.1f} s, {rate:,.0f} tokens/s")  # fmt: skip
     if n_train == 0:
-        print("warning: the corpus ended inside the val shard, leaving no train shards: use a smaller --shard-size")
+        print("warning: the corpus ended in the val shard, no train shard: try a smaller --shard-size", file=sys.stderr)
 
 
 def tokenize_to_shards(args, files, manifest, progress, retry):
@@ -253,8 +252,7 @@ class ShardWriter:
 
 def source_settings(args):
     """What the shards are made of: an out dir is only continued with the same."""
-    source = dict(text_field=args.text_field, shard_size=args.shard_size, max_tokens=args.max_tokens,
-                  prefix=args.prefix)  # fmt: skip
+    source = {k: getattr(args, k) for k in ("text_field", "shard_size", "max_tokens", "prefix")}
     if args.data_files:  # local files as found, remote ones as given: a rerun does not list the hub again
         source["data_files"] = [f for p in args.data_files for f in ([p] if is_remote(p) else local_files(p))]
     else:
@@ -408,6 +406,7 @@ def document_batches(files, text_field, start, client, manifest, batch_size=1024
             if is_remote(source):
                 check_remote_input(manifest, source, f.identity())
             if (f.size if is_remote(source) else os.path.getsize(source)) == 0:
+                tqdm.write(f"warning: {source} is empty: no documents from it", file=sys.stderr)
                 continue
             if fmt == "parquet":
                 batches = parquet_batches(f, source, text_field, start_row, batch_size)

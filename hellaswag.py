@@ -25,19 +25,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from checkpoint import atomic_write, check_output_path, write_json
 from http_files import HTTPClient, HTTPFile, Retry
 from model import GPT2_VOCAB_SIZE
 from utils import (
     UserError,
-    atomic_write,
     check_flags,
-    check_output_path,
     config_parser,
     get_tokenizer,
     is_cuda,
     pick_device,
     run_cli,
-    write_json,
 )
 from weights import load_model
 
@@ -210,15 +208,18 @@ def token_logprobs(hidden, targets, head):
 
 
 @torch.inference_mode()
-def score_rows(model, rows, device, rows_per_batch):
+def score_rows(model, rows, device, rows_per_batch, stop=lambda: False):
     """Summed log-probability of each row's scored tokens given everything before them, and their count.
     Rows of similar length are batched together and right-padded: with causal attention the padding after a row
-    cannot change it. The head runs only where a scored token is predicted, not over the contexts."""
+    cannot change it. The head runs only where a scored token is predicted, not over the contexts. stop() is asked
+    before each batch: a training run's stop signal ends the scoring there (its result is then not used)."""
     block_size = model.config.block_size
     rows = [(tokens[-(block_size + 1) :], min(n, block_size)) for tokens, n in rows]  # keep the end if too long
     logprob_sums = torch.zeros(len(rows), dtype=torch.float64)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     for start in range(0, len(order), rows_per_batch):
+        if stop():
+            break
         batch = order[start : start + rows_per_batch]
         T = max(len(rows[i][0]) for i in batch) - 1
         idx = torch.zeros(len(batch), T, dtype=torch.long)
@@ -254,7 +255,7 @@ def predict(example, logprob_sums, n_tokens):
     )
 
 
-def evaluate(model, examples, device, batch_size=32, ddp_rank=0, ddp_world_size=1):
+def evaluate(model, examples, device, batch_size=32, ddp_rank=0, ddp_world_size=1, stop=lambda: False):
     """Scores on the examples in both conventions, as fractions. Each rank scores every ddp_world_size-th example;
     the counts are summed over ranks, so the result equals a single process's."""
     if batch_size < 1:  # a batch of no rows would score nothing and report it as 100%
@@ -264,7 +265,7 @@ def evaluate(model, examples, device, batch_size=32, ddp_rank=0, ddp_world_size=
     rows = [row for ex in mine for row in build_rows(ex, enc)]
     counts = torch.zeros(5, dtype=torch.long)  # examples, correct per (acc, acc_norm, harness_acc, harness_acc_norm)
     if mine:
-        logprob_sums, n_tokens = score_rows(model, rows, device, batch_size * 8)
+        logprob_sums, n_tokens = score_rows(model, rows, device, batch_size * 8, stop)
         for i, ex in enumerate(mine):
             predictions = predict(ex, logprob_sums[8 * i : 8 * i + 8], n_tokens[8 * i : 8 * i + 4])
             counts[0] += 1

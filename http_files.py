@@ -90,6 +90,8 @@ def describe_network_error(e):
         return first_line(e) if str(e).strip() else type(e).__name__
     reason = getattr(e, "reason", None) or getattr(getattr(e, "response", None), "reason_phrase", "")
     hint = " (private or gated: log in with `hf auth login` or set HF_TOKEN)" if status in (401, 403) else ""
+    if getattr(e, "redirected", False) and status in (403, 410):
+        hint = " (the address the server redirected to refused it, also when asked again: an expired signed link?)"
     return f"HTTP {status} {reason}".rstrip() + hint
 
 
@@ -221,9 +223,9 @@ class HTTPClient:
 
 
 class HTTPStatusError(Exception):
-    def __init__(self, status, reason, headers):
+    def __init__(self, status, reason, headers, redirected=False):
         super().__init__(f"HTTP {status} {reason}".rstrip())
-        self.status, self.reason, self.headers = status, reason, headers
+        self.status, self.reason, self.headers, self.redirected = status, reason, headers, redirected
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -252,36 +254,50 @@ class HTTPFile(io.RawIOBase):
         """Size, ETag and Last-Modified: what tells a rerun that the file is still the one it started on."""
         return dict(size=self.size, **self.fingerprint)
 
-    def _open(self):
-        with self._get(f"bytes=-{TAIL}") as response:
-            headers = response.headers
-            self.fingerprint = dict(etag=headers.get("ETag"), last_modified=headers.get("Last-Modified"))
-            if response.status == 416:  # no last bytes: an empty file
-                return 0
-            if response.status == 200:  # a server that ignores ranges sends the whole file
-                size = headers.get("Content-Length")
-                if size is None or not size.isdigit():
-                    raise UserError(f"cannot download {self.url}: the server sent no size (no Content-Length)")
-                if int(size) <= TAIL:
-                    self.tail = (0, b"".join(self.client.body(response, int(size))))
-                return int(size)
-            m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", headers.get("Content-Range", ""))
-            if not m:
-                raise UserError(f"cannot download {self.url}: a range answer without a valid Content-Range")
-            start, end, size = map(int, m.groups())
-            self.tail = (start, b"".join(self.client.body(response, end - start + 1)))
-            return size
+    def _open(self, byte_range=f"bytes=-{TAIL}"):
+        with self._get(byte_range) as response:
+            headers, explicit = response.headers, None
+            if response.status != 416:
+                return self._read_tail(response)
+            # 416, no last bytes: an empty file, or a server that takes no suffix ranges and names the size
+            m = re.fullmatch(r"bytes \*/(\d+)", headers.get("Content-Range", ""))
+            if m and int(m[1]) > 0 and byte_range.startswith("bytes=-"):
+                explicit = f"bytes={max(int(m[1]) - TAIL, 0)}-{int(m[1]) - 1}"
+        if explicit:
+            return self._open(explicit)
+        self.fingerprint = dict(etag=headers.get("ETag"), last_modified=headers.get("Last-Modified"))
+        return 0
+
+    def _read_tail(self, response):
+        """The file's size, and its last bytes kept, from the answer to the request that opens it."""
+        headers = response.headers
+        self.fingerprint = dict(etag=headers.get("ETag"), last_modified=headers.get("Last-Modified"))
+        if response.status == 200:  # a server that ignores ranges sends the whole file
+            size = headers.get("Content-Length")
+            if size is None or not size.isdigit():
+                raise UserError(f"cannot download {self.url}: the server sent no size (no Content-Length)")
+            if int(size) <= TAIL:
+                self.tail = (0, b"".join(self.client.body(response, int(size))))
+            return int(size)
+        m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", headers.get("Content-Range", ""))
+        if not m:
+            raise UserError(f"cannot download {self.url}: a range answer without a valid Content-Range")
+        start, end, size = map(int, m.groups())
+        self.tail = (start, b"".join(self.client.body(response, end - start + 1)))
+        return size
 
     @contextlib.contextmanager
     def _get(self, byte_range):
         """The response to a range request: at the known location, or after the redirects from the URL (again when a
         signed CDN URL has expired). The hub's token goes to the hub's host only."""
-        url, hops, hub = self.location, 0, urllib.parse.urlsplit(self.url).netloc
+        url, hops, hub, resolved_again = self.location, 0, urllib.parse.urlsplit(self.url).netloc, False
         while True:
             headers = self.headers if urllib.parse.urlsplit(url).netloc == hub else {}
             with self.client.get(url, headers, byte_range) as response:
-                if response.status in (403, 410) and url != self.url and url == self.location:
-                    url = self.url  # refused where the hub sent us: ask the hub where the file is now
+                if response.status in (403, 410) and url != self.url and not resolved_again:
+                    # refused where a redirect sent us (its signed link expired, perhaps while this request waited and
+                    # another thread already asked again): ask the hub where the file is now, once
+                    url, resolved_again = self.url, True
                     continue
                 if response.status in (301, 302, 303, 307, 308):
                     url, hops = urllib.parse.urljoin(url, response.headers.get("Location", "")), hops + 1
@@ -289,10 +305,22 @@ class HTTPFile(io.RawIOBase):
                         raise UserError(f"cannot download {self.url}: redirected to {url}, which is not followed")
                     continue
                 if response.status >= 400 and response.status != 416:
-                    raise HTTPStatusError(response.status, response.reason, response.headers)
+                    raise HTTPStatusError(response.status, response.reason, response.headers, url != self.url)
+                self.check_unchanged(response.headers)
                 self.location = url
                 yield response
                 return
+
+    def check_unchanged(self, headers):
+        """Every answer must come from the version of the file the first one did (its ETag and Last-Modified): a file
+        replaced between two range requests would mix two versions into the shards."""
+        first = self.fingerprint or {}
+        now = dict(etag=headers.get("ETag"), last_modified=headers.get("Last-Modified"))
+        changed = [k for k, v in first.items() if v is not None and now[k] != v]
+        if changed:
+            raise UserError(f"{self.url} changed while it was read ({changed[0]} {first[changed[0]]} -> "
+                            f"{now[changed[0]]}): its shards would mix two versions of it; start over in another "
+                            "--out-dir")  # fmt: skip
 
     def _fetch(self, start, n):
         """n bytes from start; a retry asks only for what a dropped connection did not deliver."""
@@ -301,6 +329,10 @@ class HTTPFile(io.RawIOBase):
         def attempt():
             first = start + len(data)
             with self._get(f"bytes={first}-{start + n - 1}") as response:
+                m = re.fullmatch(r"bytes (\d+)-(\d+)/\d+", response.headers.get("Content-Range", ""))
+                if response.status == 206 and not (m and int(m[1]) == first and int(m[2]) >= first):
+                    raise UserError(f"cannot download {self.url}: asked for bytes {first}-{start + n - 1}, the server "
+                                    f"answered {response.headers.get('Content-Range')!r}")  # fmt: skip
                 skip = first if response.status == 200 else 0  # ranges ignored: read past what comes before
                 for piece in self.client.body(response, skip + n - len(data)):
                     data.extend(piece[skip:])
@@ -493,6 +525,10 @@ def list_files(data_files, retry):
     the path names (main by default); an http(s) URL is one file (a web server cannot be listed)."""
     files = []
     for pattern in data_files:
+        if is_remote(pattern) and (url := urllib.parse.urlsplit(pattern)).password is not None:
+            shown = url._replace(netloc=f"{url.username}:***@{url.hostname}" + (f":{url.port}" if url.port else ""))
+            raise UserError(f"--data-files {shown.geturl()}: a password in a URL would be written to manifest.json and "
+                            "shown in messages; give a URL without one (a server's signed link, say)")  # fmt: skip
         if not pattern.startswith("hf://"):
             files.append(pattern)
             continue
@@ -512,10 +548,14 @@ def check_hub_reachable():
     """One quick request first: offline, the hub client would retry for half a minute before it gives up."""
     if os.environ.get("HF_HUB_OFFLINE"):
         raise ConnectionError("HF_HUB_OFFLINE is set, and the shards are written from the hub's files, not its cache")
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    check_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+
+
+def check_reachable(url):
+    """A server answers at url (any HTTP status), or a ConnectionError says why, within seconds."""
     try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=15).close()
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=15).close()
     except urllib.error.HTTPError:
         pass  # it answered: reachable
     except OSError as e:
-        raise ConnectionError(f"cannot reach {endpoint} ({getattr(e, 'reason', e)})") from e
+        raise ConnectionError(f"cannot reach {url} ({getattr(e, 'reason', e)})") from e

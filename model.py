@@ -165,6 +165,12 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
+    def flops_per_token(self, T):
+        """Training FLOPs per token at context T: 6N for the matmuls (2 forward, 4 backward per weight) plus the
+        attention scores, 12 x layers x heads x head size x T (the PaLM paper's appendix B). For MFU in train.py."""
+        L, H, Q = self.config.n_layer, self.config.n_head, self.config.n_embd // self.config.n_head
+        return 6 * self.num_params() + 12 * L * H * Q * T
+
     def hidden_states(self, idx, kv_cache=None, pos=None):
         """Everything but the head: the final LayerNorm's output (B, T, n_embd) for the tokens idx (B, T) at the
         positions pos (T,), 0 .. T-1 unless given (a step of sampling gives where it continues the cache)."""

@@ -16,17 +16,16 @@ from dataclasses import dataclass
 
 import torch
 
+from checkpoint import check_output_path, write_json
 from utils import (
     EOT,
     UserError,
     check_flags,
-    check_output_path,
     config_parser,
     get_tokenizer,
     is_cuda,
     pick_device,
     run_cli,
-    write_json,
 )
 from weights import load_model
 

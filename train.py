@@ -8,12 +8,10 @@ Pretrain GPT-2 on token shards, on one device or many (DDP under torchrun).
     ./train.sh --init-from gpt2 --data-dir data/mine --max-lr 3e-5 --max-steps 200   # fine-tune GPT-2's weights
 
 Each optimizer step sees --total-batch tokens: --micro-batch x --seq-len per process per micro-step, accumulated over
-total / (micro x seq x world size) micro-steps, so adding GPUs changes speed, not results. Everything a run logs goes
-to <out-dir>/log.jsonl (one JSON object per line), a plot, <out-dir>/loss.png, and at the end <out-dir>/report.md.
-
-Read top to bottom: the config, the learning rate, one optimizer step, the evaluation, then main (the process group,
-the data, the model, the optimizer, the loop), then what main calls. The model is model.py, the batches utils.py's
-ShardedDataLoader; what keeps a run alive (checkpoints, resume, the out-dir lock, the stop signal) is checkpoint.py.
+total / (micro x seq x world size) micro-steps: more GPUs change speed, not results. A run logs to <out-dir>/log.jsonl
+(one JSON object per line), plots <out-dir>/loss.png and ends with <out-dir>/report.md. Read top to bottom: the
+config, the learning rate, one optimizer step, the evaluation, then main (the process group, the data, the model, the
+optimizer, the loop). The model is model.py, the batches utils.py's ShardedDataLoader; checkpoint.py keeps a run alive.
 """
 
 import argparse
@@ -32,7 +30,7 @@ import checkpoint
 import hellaswag
 import sample
 from checkpoint import fail_together
-from misc.plot_log import RunLog, plot_log
+from misc.plot_log import RunLog
 from misc.stories import prepare_quickstart
 from model import GPT, MODEL_SIZES, GPTConfig
 from utils import (
@@ -40,12 +38,12 @@ from utils import (
     UserError,
     check_flags,
     config_parser,
-    data_manifest,
+    device_name,
     is_cuda,
     pick_device,
     run_cli,
 )
-from weights import SHAPE_FLAGS, export_model, load_model, pretrained_for_run
+from weights import SHAPE_FLAGS, check_export, export_model, load_model, pretrained_for_run
 
 
 @dataclass
@@ -89,14 +87,11 @@ class TrainConfig:
     sample_tokens: int = 32
     checkpoint_interval: int = 1_000
     keep_checkpoints: int = 3  # the newest N are kept (0: all)
-    wandb_project: str = (
-        ""  # also log to this Weights & Biases project (pip install wandb; offline: WANDB_MODE=offline)
-    )
+    wandb_project: str = ""  # also log to this Weights & Biases project (pip install wandb; WANDB_MODE=offline)
     wandb_run_name: str = ""  # the wandb run's name (default: wandb's)
     export: str = ""  # at the end, write the model as a transformers directory here (lm-eval-harness can load it)
 
 
-# fmt: off
 PRESETS = {
     "gpt2-124m": dict(**MODEL_SIZES["gpt2"]),  # the defaults above
     # larger GPT-2 shapes, with GPT-3's learning rates for their sizes and micro-batches that fit an 80 GB GPU
@@ -112,8 +107,7 @@ PRESETS = {
                        micro_batch=16, seq_len=128, total_batch=2048, max_steps=300, warmup_steps=30, max_lr=2e-3,
                        eval_interval=30, val_steps=4, hellaswag_interval=0, sample_interval=150, num_samples=2,
                        sample_tokens=48, sample_prompt="Once upon a time,", checkpoint_interval=150),
-}
-# fmt: on
+}  # fmt: skip
 
 
 def get_lr(step, config):
@@ -173,11 +167,13 @@ def train_step(model, optimizer, loader, grad_accum_steps, device, lr, grad_clip
 
 
 @torch.no_grad()
-def evaluate_loss(model, loader, steps, device, ddp_world_size=1):
+def evaluate_loss(model, loader, steps, device, ddp_world_size=1, stop=lambda: False):
     model.eval()
     loader.reset()  # the same validation tokens every time, so evaluations compare
     loss_accum = torch.zeros((), device=device)
     for _ in range(steps):
+        if stop():  # a stop signal: the run ends after this evaluation, which is not recorded
+            break
         x, y = loader.next_batch()
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=is_cuda(device)):
             loss = model(x.to(device), y.to(device))[1]
@@ -204,7 +200,7 @@ def main(argv=None):
         # checkpoint (19 GB for gpt2-1558m): a long timeout
         dist.init_process_group(backend="nccl" if is_cuda(device) else "gloo", timeout=datetime.timedelta(minutes=30),
                                 device_id=torch.device(device) if is_cuda(device) else None)  # fmt: skip
-        checkpoint.stop_when_launcher_dies()  # torchrun killed: stop as if preempted, with a checkpoint
+        checkpoint.watch_launcher(ddp_rank == 0)  # torchrun killed: stop as if preempted, with a checkpoint
     else:
         ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
     master_process = ddp_rank == 0  # this process logs, plots, checkpoints and samples
@@ -223,16 +219,14 @@ def main(argv=None):
 
     # rank 0 owns the out dir (log, plots, checkpoints) until the run ends, however it ends; it finds where the run
     # starts (on --resume, the newest checkpoint) and sends the checkpoint to every rank
-    lock = fail_together(
-        lambda: checkpoint.take_out_dir(config.out_dir) if master_process else contextlib.nullcontext()
-    )
+    lock = fail_together(lambda: checkpoint.take_out_dir(config.out_dir) if master_process else
+                         contextlib.nullcontext())  # fmt: skip
     with lock, checkpoint.StopSignal() as stop:  # a stop signal (SIGTERM, Ctrl-C) ends the run with a checkpoint
         start = checkpoint.find_start_on_every_rank(config, master_process, device)
-        run_log = RunLog(config.out_dir, start)  # log.jsonl, and wandb with --wandb-project (on rank 0)
+        run_log = RunLog(config.out_dir, start, stop)  # log.jsonl, and wandb with --wandb-project (on rank 0)
         if start.finished:  # started again after the last step: nothing to train, perhaps something to --export
-            if master_process:
-                run_log.end(config, start, seconds=0)
-                export(config, lambda: load_model(start.path), start.path)
+            fail_together(lambda: finish(run_log, config, start, lambda: load_model(start.path)) if master_process
+                          else None)  # fmt: skip
             return teardown(ddp)
 
         # the model: a new GPT-2 of the flags' shape, or pretrained weights to fine-tune (--init-from); a resume
@@ -245,6 +239,7 @@ def main(argv=None):
         else:
             model = GPT(GPTConfig(block_size=config.seq_len, **{k: getattr(config, k) for k in SHAPE_FLAGS}))
         vars(config).update({k: getattr(model.config, k) for k in SHAPE_FLAGS})  # the shape as built, for the log
+        fail_together(lambda: check_export(config, model.config) if master_process else None)  # now, not at the end
         model.to(device)
         # AdamW, with weight decay on the matrices only
         optimizer = model.configure_optimizers(config.weight_decay, config.max_lr, (config.beta1, config.beta2),
@@ -266,24 +261,37 @@ def main(argv=None):
 
         # max_steps optimizer steps, then one more pass that only evaluates: the loss at step s is measured after s
         # updates, and a checkpoint written after step s is ckpt_<s+1>: what a resume starts with
-        signum, t_run, first_step = 0, time.time(), start.step
+        signum, t_run, resume_step = 0, time.time(), start.step
         start.checkpoint = None  # its memory back: everything in it is in place now
-        for step in range(first_step, config.max_steps + 1):
+
+        def save(at):  # every rank takes part (its loader's position), rank 0 writes ckpt_<at>.pt
+            checkpoint.save_run(config.out_dir, at, raw_model, optimizer, train_loader, device, config.keep_checkpoints,
+                                start.damaged, master_process, config=asdict(config), val_loss=val_loss,
+                                wandb_run_id=run_log.wandb_id)  # fmt: skip
+
+        for step in range(resume_step, config.max_steps + 1):
             last_step = step == config.max_steps
             # evaluation, on the raw model: the compiled one would compile again for other shapes, and DDP is for
-            # gradients; every rank takes part, each on its own rows, and the results are averaged
+            # gradients; every rank takes part, each on its own rows, and the results are averaged. A stop signal
+            # ends it between two batches: the run stops here, and a resume evaluates again
             record = dict(step=step)
             if config.eval_interval > 0 and (step % config.eval_interval == 0 or last_step):
-                val_loss = record["val_loss"] = evaluate_loss(raw_model, val_loader, config.val_steps, device,
-                                                              ddp_world_size)  # fmt: skip
+                record["val_loss"] = evaluate_loss(raw_model, val_loader, config.val_steps, device, ddp_world_size,
+                                                   stop.arrived)  # fmt: skip
             if hellaswag_examples and (step % config.hellaswag_interval == 0 or last_step):
                 results = hellaswag.evaluate(raw_model, hellaswag_examples, device, hellaswag.Config.batch_size,
-                                             ddp_rank, ddp_world_size)  # fmt: skip
+                                             ddp_rank, ddp_world_size, stop.arrived)  # fmt: skip
                 record.update({f"hellaswag_{k}": v for k, v in results.items()})
+            signum = stop.requested(device)  # the same on every rank (a one-number all-reduce): all stop together
+            if signum:
+                if not last_step:  # after the last step, its checkpoint is there already
+                    save(step)
+                break
+            val_loss = record.get("val_loss", val_loss)
             if master_process and len(record) > 1:
                 run_log.write(record)
                 print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-                plot_log(run_log.path, os.path.join(config.out_dir, "loss.png"))
+                run_log.plot(os.path.join(config.out_dir, "loss.png"))
             sample_due = config.sample_interval > 0 and (step % config.sample_interval == 0 or last_step)
             if master_process and sample_due and step > 0:
                 texts = sample.texts(raw_model, config.sample_prompt, config.num_samples, config.sample_tokens, device)
@@ -309,20 +317,21 @@ def main(argv=None):
 
             # a checkpoint every checkpoint_interval steps, after the last step, and when a stop signal came
             resume_step = step + 1 if result is not None else step  # where a resume of this state starts
-            signum = stop.requested(device)  # the same on every rank (a one-number all-reduce): all stop together
+            signum = stop.requested(device)
             every = config.checkpoint_interval > 0 and resume_step % config.checkpoint_interval == 0
             if every or resume_step == config.max_steps or signum:
-                checkpoint.save_run(config.out_dir, resume_step, raw_model, optimizer, train_loader, device,
-                                    config.keep_checkpoints, start.damaged, master_process, config=asdict(config),
-                                    val_loss=val_loss, wandb_run_id=run_log.wandb_id)  # fmt: skip
+                save(resume_step)
             if signum:
                 break
 
-        if master_process:
-            run_log.end(config, start, time.time() - t_run, signum, resume_step if signum else None)
-            if not signum:
-                export(config, lambda: raw_model, "the model")
+        # rank 0's last words (the run's last record, report.md, the export): an error there is every rank's
+        seconds = time.time() - t_run
+        fail_together(lambda: finish(run_log, config, start, lambda: raw_model, seconds, signum, resume_step)
+                      if master_process else None)  # fmt: skip
     teardown(ddp)
+    if master_process and run_log.failed:  # the log could not be written: the run stopped with a checkpoint
+        raise UserError(f"{run_log.failed}; stopped at step {resume_step}, the newest checkpoint is "
+                        f"{checkpoint.last_good_checkpoint(config.out_dir)}: make room, then --resume")  # fmt: skip
     if signum:
         raise SystemExit(128 + signum)  # the shell's code for "ended by this signal": the run is not done
 
@@ -359,8 +368,9 @@ def parse_config(argv=None):
 
 def check_config(config):
     """One-line errors for settings that would crash later or train on garbage (NaN fails every comparison)."""
-    check_flags(config, "at least 1", lambda v: v is None or v >= 1, "micro_batch", "seq_len", "total_batch",
-                "n_layer", "n_head", "n_embd")  # fmt: skip
+    sizes = ("micro_batch", "seq_len", "total_batch")
+    check_flags(config, "at least 1", lambda v: v is None or v >= 1, *sizes, "n_layer", "n_head", "n_embd")
+    check_flags(config, "at most 2**40", lambda v: v <= 2**40, *sizes)
     if config.n_embd and config.n_head and config.n_embd % config.n_head != 0:
         raise UserError(f"--n-embd {config.n_embd} is not divisible by --n-head {config.n_head}")
     check_flags(config, "0 or more", lambda v: v >= 0, "max_steps", "keep_checkpoints", "eval_interval",
@@ -384,29 +394,17 @@ def fit_micro_batch(config, world_size, verbose=False):
     """The largest micro-batch up to --micro-batch that splits each process's rows of a step into whole micro-steps."""
     rows_per_process, rest = divmod(config.total_batch, config.seq_len * world_size)
     if rest or rows_per_process == 0:
-        raise UserError(
-            f"--total-batch {config.total_batch} is not divisible by --seq-len {config.seq_len} x "
-            f"{world_size} processes = {config.seq_len * world_size}"
-        )
+        raise UserError(f"--total-batch {config.total_batch} is not divisible by --seq-len {config.seq_len} x "
+                        f"{world_size} processes = {config.seq_len * world_size}")  # fmt: skip
     fit = max(b for b in range(1, min(config.micro_batch, rows_per_process) + 1) if rows_per_process % b == 0)
     if fit != config.micro_batch and verbose:
-        print(
-            f"note: --micro-batch {config.micro_batch} does not split {config.total_batch:,} tokens over "
-            f"{world_size} processes x {config.seq_len} tokens: using micro-batch {fit}"
-        )
+        print(f"note: --micro-batch {config.micro_batch} does not split {config.total_batch:,} tokens over "
+              f"{world_size} processes x {config.seq_len} tokens: using micro-batch {fit}")  # fmt: skip
     return fit
 
 
 def open_loaders(config, ddp_rank, ddp_world_size, master_process):
     """This rank's train and val loaders; --val-steps capped at the val split's batches (read again at every eval)."""
-    if not os.path.isdir(config.data_dir):
-        what = "is not a directory" if os.path.exists(config.data_dir) else "does not exist"
-        raise UserError(
-            f"data directory {config.data_dir} {what}: run download-fineweb-edu.py first (or try --preset quickstart)"
-        )
-    if master_process and data_manifest(config.data_dir).get("complete") is False:  # the shards so far are usable
-        print(f"warning: {config.data_dir}/manifest.json says the download is not complete: training on the shards "
-              "there so far")  # fmt: skip
     shape = (config.micro_batch, config.seq_len, ddp_rank, ddp_world_size)
     train_loader = ShardedDataLoader(config.data_dir, "train", *shape, shuffle=config.shuffle, seed=config.seed)
     val_loader = ShardedDataLoader(config.data_dir, "val", *shape)
@@ -418,11 +416,12 @@ def open_loaders(config, ddp_rank, ddp_world_size, master_process):
     return train_loader, val_loader
 
 
-def export(config, model, what):
-    """--export: the model (model() builds it) as a transformers directory, at the end of a finished run."""
-    if config.export:
-        export_model(model(), config.export)
-        print(f"exported {what} to {config.export} (transformers GPT2LMHeadModel format)")
+def finish(run_log, config, start, model, seconds=0.0, signum=0, resume_step=None):
+    """Rank 0's last words: the run's last record (stopped, or finished with report.md and what to run next), then
+    --export of the model (model() builds it) for a finished run."""
+    run_log.end(config, start, seconds, signum, resume_step)
+    if config.export and not signum and not run_log.failed:
+        export_model(model(), config.export, start.path if start.finished else "the model")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -437,23 +436,14 @@ PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100 80GB HBM3
 
 def peak_flops(device):
     """The GPU's dense bf16 peak (FLOP/s) for MFU, or None on a CPU or a card not in PEAK_BF16_FLOPS."""
-    if not is_cuda(device):
-        return None
-    return next((flops for gpu, flops in PEAK_BF16_FLOPS if gpu in torch.cuda.get_device_name(device)), None)
+    name = torch.cuda.get_device_name(device) if is_cuda(device) else "a CPU"
+    return next((flops for gpu, flops in PEAK_BF16_FLOPS if gpu in name), None)
 
 
 def mfu(model, seq_len, tokens_per_sec, device):
-    """Model FLOPs utilisation of one GPU: training FLOPs per token (6N for the matmuls, forward and backward, plus the
-    attention scores, as in the PaLM paper's appendix B) x tokens/s, as a share of its peak; None where unknown."""
+    """Model FLOPs utilisation of one GPU: the model's FLOPs per second as a share of its peak; None where unknown."""
     peak = peak_flops(device)
-    if peak is None:
-        return None
-    L, H, Q = model.config.n_layer, model.config.n_head, model.config.n_embd // model.config.n_head
-    return (6 * model.num_params() + 12 * L * H * Q * seq_len) * tokens_per_sec / peak
-
-
-def device_name(device):
-    return torch.cuda.get_device_name(device) if is_cuda(device) else f"CPU ({torch.get_num_threads()} threads)"
+    return None if peak is None else model.flops_per_token(seq_len) * tokens_per_sec / peak
 
 
 if __name__ == "__main__":

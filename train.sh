@@ -13,7 +13,7 @@
 # TRAIN_SH_DRY_RUN=1 prints the command instead of running it. TORCH_ELASTIC_SHUTDOWN_TIMEOUT (300 s) is the grace
 # torchrun gives the ranks after a SIGTERM to stop at the next micro-step and write the checkpoint.
 set -euo pipefail
-cd "$(dirname "$0")"
+here="$(cd "$(dirname "$0")" && pwd)"  # the repo; paths in the arguments mean what they mean where train.sh was called
 
 die() { echo "error: $*" >&2; exit 2; }
 # under SLURM (srun ./train.sh, one task per node) the node count, this node's rank and node 0's address are SLURM's
@@ -64,15 +64,17 @@ if [[ "$NGPU" -ge 1 ]]; then
         cmd+=(--max-restarts "$MAX_RESTARTS")
         export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
     fi
-    cmd+=(train.py "$@")
+    cmd+=("$here/train.py" "$@")
 else
     # CPU: glibc would hand every large freed tensor (logits, their gradients) back to the OS and page-fault it in
     # again next step; keeping them in the heap makes a quick-start step about 1.6x faster (1,050 -> 660 ms, median,
     # 2-core CPU, 2026-11-28). The price is memory: at micro-batch 16 x 128 the logits over 50,304 tokens, their
-    # log-softmax and their gradient take 400 MB each and stay in the heap (the quick start held 4.0 GB, 2026-12-04); with both thresholds at
-    # 256 MB it held 1.9 GB and took 1,071 ms a step instead of 629 (2026-11-28). Set them yourself to choose.
-    export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-4294967296}" MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-4294967296}"
-    cmd=(python train.py "$@")
+    # log-softmax and their gradient take 400 MB each and stay in the heap (the quick start held 4.0 GB, 2026-12-04);
+    # with both thresholds at 256 MB it held 1.9 GB and took 1,071 ms a step instead of 629 (2026-11-28). Set them
+    # yourself to choose.
+    export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-4294967296}"
+    export MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-4294967296}"
+    cmd=(python "$here/train.py" "$@")
 fi
 
 # torchrun passes SIGTERM (a preemption) on to the ranks and kills them when its grace period is over, 30 s unless

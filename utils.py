@@ -1,16 +1,16 @@
 """
 Mainly the data loader: GPT-2's tokenizer, the token shards and ShardedDataLoader. Then the few helpers every script
-shares: one-line errors, flags from a dataclass, atomic writes, the device, and loading a script as a module.
+shares: one-line errors, flags from a dataclass, the device, and loading a script as a module.
 """
 
 import argparse
-import contextlib
 import dataclasses
 import functools
 import hashlib
 import importlib.util
 import inspect
 import json
+import math
 import os
 import re
 import signal
@@ -65,9 +65,7 @@ def _gpt2_unicode_to_byte():
     # the other 68 for chr(256), chr(257), ... in byte order (bytes_to_unicode in OpenAI's encoder.py)
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
-    table = {chr(b): b for b in printable}
-    table.update({chr(256 + n): b for n, b in enumerate(others)})
-    return table
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
 
 
 @functools.cache
@@ -98,7 +96,9 @@ def find_shards(data_dir, split, warn=True):
     """The split's shards in index order, as (path, what download-fineweb-edu.py's manifest.json says of it). Where
     there is a manifest, its shards and no others: a stray shard in the directory is not read, and named."""
     if not os.path.isdir(data_dir):
-        raise UserError(f"data directory {data_dir} does not exist")
+        what = "is not a directory" if os.path.exists(data_dir) else "does not exist"
+        raise UserError(f"data directory {data_dir} {what}: run download-fineweb-edu.py first (or try --preset "
+                        "quickstart)")  # fmt: skip
     matches = [m for name in os.listdir(data_dir) if (m := SHARD_NAME.match(name)) and m["split"] == split]
     found = {name: None for _, name in sorted((int(m["index"]), m[0]) for m in matches)}  # shards made otherwise
     if manifest := data_manifest(data_dir):
@@ -107,6 +107,9 @@ def find_shards(data_dir, split, warn=True):
             print(f"warning: {len(strays)} {split} shards in {data_dir} that its manifest.json does not list are not "
                   f"read: {', '.join(strays[:3])}{', ...' if len(strays) > 3 else ''}", file=sys.stderr)  # fmt: skip
         found = listed
+        if warn and split == "train" and manifest.get("complete") is False:  # the shards so far are usable
+            print(f"warning: {data_dir}/manifest.json says the download is not complete: reading the shards there so "
+                  "far", file=sys.stderr)  # fmt: skip
     if not found:
         raise UserError(f"no {split} shards in {data_dir}: looked for files named <prefix>_{split}_NNNNNN.npy")
     return [(os.path.join(data_dir, name), entry) for name, entry in found.items()]
@@ -196,10 +199,6 @@ class ShardedDataLoader:
     def reset(self):
         self.position = 0
 
-    @property
-    def epoch(self):
-        return self.position // self.epoch_tokens
-
     def next_batch(self):
         B, T = self.B, self.T
         # B * T + 1 tokens: the last input position needs its next token as a target
@@ -220,15 +219,13 @@ class ShardedDataLoader:
         since are not read (the stream would not be the one the run began with), and rank 0 says so."""
         had, names = state.get("shards") or [], [os.path.basename(p) for p in self.paths]
         if had and names[: (n := len(had))] == had and n < len(names):  # the download went on after this run began
-            self.paths, self.shards, self.lengths = self.paths[:n], self.shards[:n], self.lengths[:n]
-            self.fingerprints, self.epoch_tokens, self._order_epoch = (
-                self.fingerprints[:n],
-                int(self.lengths.sum()),
-                None,
-            )
+            for name in ("paths", "shards", "lengths", "fingerprints"):
+                setattr(self, name, getattr(self, name)[:n])
+            self.epoch_tokens, self._order_epoch = int(self.lengths.sum()), None
             if self.process_rank == 0:
                 print(f"note: the run goes on with the {n} shards it began with ({names[n]} and the others added "
                       "since are for a new run)")  # fmt: skip
+            names = names[:n]
         mine, what = self.state_dict(), None
         if had != names:  # the first shard that differs, not every name: there may be thousands
             i = next((i for i, (a, b) in enumerate(zip(had, names)) if a != b), min(len(had), len(names)))
@@ -310,7 +307,7 @@ class ShardedDataLoader:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# what every script shares: one-line errors, flags, atomic writes
+# what every script shares: one-line errors, flags, the device
 
 
 class UserError(Exception):
@@ -345,7 +342,8 @@ def run_cli(main):
             sys.exit(128 + signum)
         if out_of_memory:
             e = f"out of memory ({first_line(e)[:200]}): use smaller sizes (--micro-batch, --shard-size, the model)"
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: lines from several ranks on one stream stay whole
+        sys.stderr.flush()
         sys.exit(2)
     finally:
         if dist.is_available() and dist.is_initialized():
@@ -366,7 +364,7 @@ def parse_count(text):
         value = float(text.replace("_", ""))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value != int(value):
+    if not math.isfinite(value) or value != int(value):
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
     return int(value)
 
@@ -402,43 +400,12 @@ def check_flags(config, rule, ok, *names):
             raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {shown}")
 
 
-def check_output_path(path, flag):
-    """Fail before any work if a result could not be written at path (a file, not a directory)."""
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a directory: give a file name")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise UserError(f"{flag} {path}: the directory {parent} does not exist")
-
-
-@contextlib.contextmanager
-def atomic_write(path, mode="wb"):
-    """Write path through a temporary file beside it (<path>.<pid>.tmp): flushed to disk and renamed into place on
-    success, removed on failure. A reader, or a run started after a crash, never sees a half-written file."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_json(path, obj):
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the device
-
-
 def is_cuda(device):
     return str(device).startswith("cuda")
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if is_cuda(device) else f"CPU ({torch.get_num_threads()} threads)"
 
 
 def pick_device(device="auto"):

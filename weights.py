@@ -19,10 +19,10 @@ from dataclasses import asdict
 
 import torch
 
-from checkpoint import check_shapes, list_checkpoints, load_checkpoint
+from checkpoint import check_out_dir, check_shapes, describe_write_error, list_checkpoints, load_checkpoint, write_json
 from http_files import check_hub_reachable
 from model import CONV1D_WEIGHTS, GPT, GPT2_VOCAB_SIZE, MODEL_SIZES, GPTConfig
-from utils import UserError, atomic_write, first_line, gpt2_bpe_files, write_json
+from utils import UserError, first_line, gpt2_bpe_files
 
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd")  # train.py flags that the weights of --init-from decide
 
@@ -36,8 +36,8 @@ def load_model(spec, device="cpu"):
     """A GPT in eval mode from: a checkpoint file of ours, nanoGPT's or build-nanogpt's (.pt), a directory holding
     them (the newest), a directory written by transformers' save_pretrained, or a Hugging Face name (gpt2,
     gpt2-medium, gpt2-large, gpt2-xl)."""
-    if os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "config.json")):
-        spec = newest_checkpoint_in(spec)
+    if os.path.isdir(spec) and (list_checkpoints(spec) or not os.path.exists(os.path.join(spec, "config.json"))):
+        spec = newest_checkpoint_in(spec)  # an out dir means its newest checkpoint, even beside an export
     if spec.endswith(".pt"):
         checkpoint = load_checkpoint(spec, foreign=[(ForeignConfig, "__main__.GPTConfig")])
         model = model_from_checkpoint(checkpoint, spec)
@@ -91,15 +91,18 @@ def model_from_checkpoint(checkpoint, path):
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise UserError(f"{path} is not a model checkpoint: it has no 'model' weights")
     shape_keys = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd")
-    if "model_config" in checkpoint:  # ours
-        config = GPTConfig(**checkpoint["model_config"])
-    elif "model_args" in checkpoint:  # nanoGPT
-        args = checkpoint["model_args"]
-        config = GPTConfig(**{k: args[k] for k in shape_keys}, bias=bool(args.get("bias", True)), gelu="exact")
-    elif "config" in checkpoint and hasattr(checkpoint["config"], "n_layer"):  # build-nanogpt
-        config = GPTConfig(**{k: vars(checkpoint["config"])[k] for k in shape_keys})
-    else:
-        raise UserError(f"{path}: not a checkpoint of this repo, nanoGPT or build-nanogpt (no model shape in it)")
+    try:
+        if "model_config" in checkpoint:  # ours
+            config = GPTConfig(**checkpoint["model_config"])
+        elif "model_args" in checkpoint:  # nanoGPT
+            args = checkpoint["model_args"]
+            config = GPTConfig(**{k: args[k] for k in shape_keys}, bias=bool(args.get("bias", True)), gelu="exact")
+        elif "config" in checkpoint and hasattr(checkpoint["config"], "n_layer"):  # build-nanogpt
+            config = GPTConfig(**{k: vars(checkpoint["config"])[k] for k in shape_keys})
+        else:
+            raise UserError(f"{path}: not a checkpoint of this repo, nanoGPT or build-nanogpt (no model shape in it)")
+    except (TypeError, KeyError) as e:  # a key this GPT does not know, or one missing
+        raise UserError(f"{path}: its model shape cannot be read ({type(e).__name__}: {first_line(e)[:200]})") from e
     state = {k.removeprefix("_orig_mod."): v for k, v in checkpoint["model"].items()}
     # nanoGPT without flash attention keeps its causal mask as a buffer: not a weight
     state = {k: v for k, v in state.items() if not k.endswith(".attn.bias") or v.dim() != 4}
@@ -133,10 +136,31 @@ def pretrained_for_run(config):
 # out: a transformers directory
 
 
-def export_model(model, out_dir):
+def check_export(config, model_config):
+    """--export, checked before the first step rather than after hours of training: the model can be exported, and
+    the directory written, and it is not the out dir, where its config.json would stand for the newest checkpoint."""
+    if not config.export:
+        return
+    if os.path.abspath(config.export) == os.path.abspath(config.out_dir):
+        raise UserError(f"--export {config.export} is the out dir: an out dir stands for its newest checkpoint; export "
+                        f"beside it, to {os.path.join(config.out_dir, 'hf')} say")  # fmt: skip
+    if not model_config.bias:
+        raise UserError("this model has no biases and transformers' GPT-2 always has them: it cannot be exported; "
+                        "leave --export out")  # fmt: skip
+    others = sorted(set(os.listdir(config.export)) - EXPORT_FILES) if os.path.isdir(config.export) else []
+    if others:  # an export replaces its directory whole: only an earlier export may stand there
+        raise UserError(f"--export {config.export} holds other files than an export ({', '.join(others[:3])}): "
+                        "choose a new directory")  # fmt: skip
+    check_out_dir(config.export, "--export")
+
+
+EXPORT_FILES = {"config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json"}
+
+
+def export_model(model, out_dir, what="the model"):
     """config.json and model.safetensors as transformers' GPT2LMHeadModel.from_pretrained reads them (the rows of the
     padded vocabulary dropped, the head tied to the token embedding), and GPT-2's tokenizer files: a self-contained
-    directory that lm-eval-harness can load."""
+    directory that lm-eval-harness can load. Written beside out_dir and renamed into place: never half an export."""
     from safetensors.torch import save_file
 
     c = model.config
@@ -159,11 +183,30 @@ def export_model(model, out_dir):
         if name.endswith(CONV1D_WEIGHTS):  # Hugging Face's Conv1D stores (in, out)
             tensor = tensor.t()
         tensors[name] = tensor.detach().to("cpu", torch.float32).contiguous()
-    os.makedirs(out_dir, exist_ok=True)
-    with atomic_write(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    save_hf_tokenizer(out_dir, c.block_size)
+    out_dir = os.path.normpath(out_dir)
+    new, old = f"{out_dir}.{os.getpid()}.tmp", f"{out_dir}.{os.getpid()}.old"
+    try:
+        os.makedirs(new)
+        with open(os.path.join(new, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        save_file(tensors, os.path.join(new, "model.safetensors"), metadata={"format": "pt"})
+        save_hf_tokenizer(new, c.block_size)
+        if os.path.isdir(out_dir):  # an earlier export: replaced whole, or kept if this one cannot take its place
+            os.rename(out_dir, old)
+        try:
+            os.rename(new, out_dir)
+        except OSError:
+            if os.path.isdir(old):
+                os.rename(old, out_dir)
+            raise
+    except OSError as e:
+        why = describe_write_error(e, os.path.dirname(new) or ".", sum(t.numel() * 4 for t in tensors.values()))
+        raise UserError(f"cannot write the export {out_dir}: {why}; nothing of it is left (the checkpoints are "
+                        "intact: export again with --resume --export)") from e  # fmt: skip
+    finally:
+        for leftover in (new, old):
+            shutil.rmtree(leftover, ignore_errors=True)
+    print(f"exported {what} to {out_dir} (transformers GPT2LMHeadModel format)")
 
 
 def save_hf_tokenizer(out_dir, context):

@@ -18,8 +18,9 @@ from dataclasses import asdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
 
-from checkpoint import read_jsonl, read_log  # noqa: E402
-from utils import UserError, atomic_write, check_output_path, run_cli  # noqa: E402
+from checkpoint import atomic_write, check_output_path, describe_write_error, read_jsonl, read_log  # noqa: E402
+from http_files import check_reachable  # noqa: E402
+from utils import UserError, first_line, run_cli  # noqa: E402
 
 GPT2_124M_VAL_LOSS = 3.2924  # OpenAI's GPT-2 124M on FineWeb-Edu's val split (build-nanogpt)
 GPT2_124M_HELLASWAG = 0.2955  # its completion-style acc_norm
@@ -43,22 +44,40 @@ class RunLog:
     """What rank 0 logs: log.jsonl (one JSON object per line; a line a kill cut short is ended before the next) and,
     with --wandb-project, the same records in a Weights & Biases run, which a resume continues."""
 
-    def __init__(self, out_dir, start):
-        self.out_dir, self.path = out_dir, os.path.join(out_dir, "log.jsonl")
+    def __init__(self, out_dir, start, stop=None):
+        self.out_dir, self.path, self.stop = out_dir, os.path.join(out_dir, "log.jsonl"), stop
         self.wandb_run, self.wandb_id = None, start.checkpoint and start.checkpoint.get("wandb_run_id")
         self.step_times = collections.deque(maxlen=20)  # the recent steps' seconds, for the time left
+        self.failed = None  # why log.jsonl could not be written: the run stops, with a checkpoint if it can
 
     def write(self, record):
-        append_jsonl(self.path, record)
+        try:
+            append_jsonl(self.path, record)
+        except OSError as e:  # a full disk: a run that cannot log stops, as if signalled, and says why at the end
+            self.failed = self.failed or f"cannot write {self.path}: {describe_write_error(e, self.out_dir, 1 << 20)}"
+            if self.stop is not None:
+                self.stop.fail()
         if self.wandb_run is None or "event" in record:  # config, resume and end are the run's own state in wandb
             return
         metrics = {k: v for k, v in record.items() if k not in ("step", "samples")}
-        if "samples" in record:  # text as a table: a row per sample
-            import wandb
+        try:
+            if "samples" in record:  # text as a table: a row per sample
+                import wandb
 
-            rows = [[record["step"], text] for text in record["samples"]]
-            metrics["samples"] = wandb.Table(columns=["step", "text"], data=rows)
-        self.wandb_run.log(metrics, step=record["step"])
+                rows = [[record["step"], text] for text in record["samples"]]
+                metrics["samples"] = wandb.Table(columns=["step", "text"], data=rows)
+            self.wandb_run.log(metrics, step=record["step"])
+        except Exception as e:  # wandb's own failure (a network gone for good) is not the run's
+            print(f"warning: Weights & Biases stopped taking records ({first_line(e)}); log.jsonl goes on",
+                  file=sys.stderr)  # fmt: skip
+            self.wandb_run = None
+
+    def plot(self, png_path):
+        """loss.png again; it is optional: a failure (a full disk) is a warning, and the run goes on."""
+        try:
+            plot_log(self.path, png_path)
+        except OSError as e:
+            print(f"warning: cannot draw {png_path} ({first_line(e)}); the run goes on", file=sys.stderr)
 
     def start(self, config, start, n_params, setup):
         """The first record of a run (its resolved config) or of a resumed one (what changed), and the plan."""
@@ -81,12 +100,24 @@ class RunLog:
               f"process; {n_params:,} parameters")  # fmt: skip
 
     def start_wandb(self, project, run_name, config):
+        """A Weights & Biases run, started before the first step: with no login or no network, one line that says what
+        to do, not wandb's traceback (at once) or its minute and a half of retries."""
         try:
             import wandb
         except ImportError as e:
             raise UserError(f"--wandb-project needs the wandb package ({e}): pip install wandb") from e
-        self.wandb_run = wandb.init(project=project, name=run_name or None, id=self.wandb_id, resume="allow",
-                                    config=config, dir=self.out_dir)  # fmt: skip
+        online = os.environ.get("WANDB_MODE", "online") not in ("offline", "disabled", "dryrun")
+        if online and not wandb.login(prompt=False, verify=False):
+            raise UserError("--wandb-project: no Weights & Biases login here: run `wandb login`, set WANDB_API_KEY, or "
+                            "log offline with WANDB_MODE=offline (and `wandb sync` later)")  # fmt: skip
+        try:
+            if online:
+                check_reachable(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+            self.wandb_run = wandb.init(project=project, name=run_name or None, id=self.wandb_id, resume="allow",
+                                        config=config, dir=os.environ.get("WANDB_DIR") or self.out_dir)  # fmt: skip
+        except (OSError, wandb.errors.Error) as e:
+            raise UserError(f"--wandb-project: cannot start a Weights & Biases run ({first_line(e)}): check the "
+                            "network, or log offline with WANDB_MODE=offline, `wandb sync` later") from e  # fmt: skip
         self.wandb_id = self.wandb_run.id  # kept in the checkpoints
 
     def step(self, step, max_steps, loss, lr, norm, dt, tokens_per_sec, mfu=None):
@@ -108,13 +139,17 @@ class RunLog:
             name = signal.Signals(signum).name
             self.write(dict(event="stopped", step=resume_step, signal=name))
             done = f"after step {resume_step - 1}" if resume_step else "before the first step"
-            print(f"stopped by {name} {done}: continue with --resume --out-dir {config.out_dir} (this run: "
-                  f"{duration(seconds)})")  # fmt: skip
+            if not self.failed:  # else train.py says why, in one line
+                print(f"stopped by {name} {done}: continue with --resume --out-dir {config.out_dir} (this run: "
+                      f"{duration(seconds)})")  # fmt: skip
         elif start.finished:
             print(f"{config.out_dir} is finished: all {config.max_steps} steps are done (a larger --max-steps goes on)")
         else:
             self.write(dict(event="finished", step=config.max_steps, seconds=round(seconds, 1)))
-            write_report(self.path, os.path.join(config.out_dir, "report.md"))
+            try:
+                write_report(self.path, os.path.join(config.out_dir, "report.md"))
+            except OSError as e:  # optional, like the plot: misc/plot_log.py writes it again
+                print(f"warning: cannot write report.md ({first_line(e)})", file=sys.stderr)
             out, prompt = shlex.quote(config.out_dir), shlex.quote(config.sample_prompt)
             print(f"\nfinished {config.max_steps} steps{took}. In {config.out_dir}: report.md (the results), log.jsonl "
                   f"(every step and evaluation), loss.png (the curves), ckpt_NNNNNN.pt (checkpoints). Next:\n"

@@ -11,7 +11,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's flat modules
 
-from utils import ROOT, UserError, atomic_write, data_manifest  # noqa: E402
+from checkpoint import atomic_write  # noqa: E402
+from utils import ROOT, UserError, data_manifest  # noqa: E402
 
 
 def prepare_quickstart(data_dir):

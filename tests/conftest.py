@@ -90,7 +90,7 @@ def cli(script, *args, env=None, threads=None):
     argv = [str(a) for a in args]
     module = script_module(script)
     stdout, stderr = io.StringIO(), io.StringIO()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     program, sys.argv = sys.argv, [os.path.join(ROOT, script), *argv]  # argparse names the script in its errors
     code = 0
     try:
@@ -499,13 +499,14 @@ HUB_SHA = "0123456789abcdef0123456789abcdef01234567"
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    """A model of the hub on 127.0.0.1 (tests/loopback_http.py) serving 6 parquet files as /files/corpus/*, and as the
-    dataset test-org/edu (config sample-tiny)."""
+    """A model of the hub on 127.0.0.1 (tests/loopback_http.py) serving 6 parquet files as /files/corpus/*, as the
+    dataset test-org/edu (config sample-tiny), and as FineWeb-Edu's sample-10BT, the downloader's default."""
     from loopback_http import LoopbackServer, write_parquet_files
 
     root = tmp_path_factory.mktemp("www")
     texts = write_parquet_files(root / "corpus")
     shutil.copytree(root / "corpus", root / "hub" / "test-org" / "edu" / "sample" / "tiny")
+    shutil.copytree(root / "corpus", root / "hub" / "HuggingFaceFW" / "fineweb-edu" / "sample" / "10BT")  # the default
     write_parquet_files(root / "hub" / "test-org" / "edu" / "data" / "other", n_files=1, seed=1)  # another config's
     server = LoopbackServer(root)
     server.texts = texts
@@ -518,6 +519,8 @@ def server(tmp_path_factory):
             dict(config_name="default", data_files=[dict(split="train", path="data/*/*")]),
         ],
     )
+    sample_10bt = dict(config_name="sample-10BT", data_files=[dict(split="train", path="sample/10BT/*")])
+    server.add_dataset("HuggingFaceFW/fineweb-edu", HUB_SHA, [sample_10bt])
     yield server
     server.close()
 

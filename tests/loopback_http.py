@@ -62,6 +62,9 @@ class LoopbackServer:
         self.faults = []  # dicts: path (a regex), mode (status, drop, dribble, silent), count, status, ...
         self.wan(delay=0.0, connect_delay=0.0, connection_rate=0.0, link_rate=0.0)
         self.ranges = True  # False: Range headers are ignored, as by a server that cannot serve ranges
+        self.suffix_ranges = True  # False: bytes=-N is refused with 416 and the size, as some CDNs do
+        self.shifted_ranges = False  # True: a range answered from 1000 bytes before the one asked, and said so
+        self.on_request = []  # callables, each given every Request as it comes (to change things mid-download)
         self.content_length = True  # False: bodies are sent without a Content-Length, up to a closed connection
         self.redirects = {}  # path -> where it redirects to
         self.reset_counts()
@@ -164,6 +167,8 @@ def _handler(server, host):
             request = Request(host, path, self.headers.get("Range"), self.headers.get("Authorization"))
             with server.lock:
                 server.requests.append(request)
+            for hook in list(server.on_request):
+                hook(request)
             self.wait_a_round_trip()
             if path in server.redirects:
                 self.send_response(302)
@@ -238,6 +243,13 @@ def _handler(server, host):
             if m and server.ranges and (m[1] or m[2]):
                 if m[1]:
                     start, end = int(m[1]), min(int(m[2]) if m[2] else size - 1, size - 1)
+                    start = max(start - 1000, 0) if server.shifted_ranges else start
+                elif not server.suffix_ranges:
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{size}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 else:  # bytes=-N: the last N bytes
                     start = max(size - int(m[2]), 0)
                 if start >= size:

@@ -76,7 +76,7 @@ def test_bench_gpu_on_a_machine_without_a_gpu_says_so_before_the_full_size_check
 
     monkeypatch.setattr(bench, "write_pydocs_shards", stop)
     r = cli("bench.py", "gpu", "--device", "cpu", "--out", tmp_path / "r.json")
-    assert r.returncode == 130 and r.stdout.startswith("note: no GPU here (CPU, ") and "--quick checks" in r.stdout
+    assert r.returncode == 130 and r.stdout.startswith("note: no GPU here, CPU (") and "--quick checks" in r.stdout
 
 
 def test_bench_download_prints_local_and_wan_side_by_side_with_requests_per_row_group():

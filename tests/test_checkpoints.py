@@ -166,3 +166,12 @@ def test_a_checkpoint_of_another_program_is_a_one_line_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no checkpoint"):
         load_model(str(tmp_path / "empty"))
+
+
+def test_an_out_dir_means_its_newest_checkpoint_even_beside_a_config_json(tiny_checkpoint, tmp_path):
+    tiny_checkpoint(seed=5)
+    newest = tiny_checkpoint(seed=7)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 12}))  # an export put there
+    model = load_model(str(tmp_path))
+    assert model.config.n_layer == 2
+    assert torch.equal(model.transformer.wte.weight, load_model(str(newest)).transformer.wte.weight)

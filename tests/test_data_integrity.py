@@ -4,6 +4,7 @@ train, and a manifest cannot point outside its directory."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -143,3 +144,19 @@ def test_a_run_begun_on_an_unfinished_download_resumes_on_its_shards_when_more_h
     r = cli("train.py", *tiny(partial, out, "--max-steps", 15, "--resume"))
     one_line_error(r, "does not match this data: shard 1 of the 1 it read was t_train_000001.npy, here it is "
                       "t_train_000002.npy")  # fmt: skip
+
+
+def test_a_resume_on_shards_with_other_tokens_is_refused_naming_the_first(data_dir, finished_run, tmp_path):
+    """The checkpoint records a fingerprint of every shard the run reads (its size, first and last MB), with or without
+    a manifest: another corpus under the same names, or one shard replaced in place, is refused, not trained on."""
+    from conftest import copy_run
+
+    for replaced in (["t_train_000002.npy"], ["t_train_000001.npy", "t_train_000002.npy"]):
+        data = tmp_path / f"data{len(replaced)}"
+        shutil.copytree(data_dir, data)
+        for name in replaced:  # other tokens, the same count: the names and sizes say nothing
+            tokens = np.load(data / name)
+            np.save(data / name, np.roll(tokens, 7))
+        out = copy_run(finished_run, tmp_path / f"run{len(replaced)}", checkpoints=(10,))
+        r = cli("train.py", *tiny(data, out, "--resume"))
+        one_line_error(r, f"shard {replaced[0]} holds other tokens than the run read")

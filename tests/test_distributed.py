@@ -8,13 +8,14 @@ import shutil
 import subprocess
 import time
 import weakref
+from unittest.mock import ANY
 
 import pytest
 import torch
 
 import train
-from checkpoint import load_checkpoint, read_log, rng_states, save_checkpoint, set_rng_states
-from conftest import ROOT, cli, free_port, ok, one_thread_env, torchrun, torchrun_node, train_losses
+from checkpoint import load_checkpoint, read_jsonl, read_log, rng_states, save_checkpoint, set_rng_states
+from conftest import ROOT, Started, cli, free_port, ok, one_thread_env, torchrun, torchrun_node, train_losses
 from utils import UserError
 
 
@@ -218,7 +219,7 @@ def test_train_sh_counts_only_the_gpus_cuda_visible_devices_shows(tmp_path, monk
     def command(**extra):
         r = subprocess.run([os.path.join(ROOT, "train.sh")], capture_output=True, text=True, env=dict(env, **extra))
         assert r.returncode == 0, r.stderr
-        return r.stdout.strip()
+        return r.stdout.strip().replace(f"{ROOT}/train.py", "train.py")  # the repo's train.py, by its full path
 
     assert command() == "torchrun --standalone --nproc_per_node 8 train.py"
     assert command(CUDA_VISIBLE_DEVICES="0,1") == "torchrun --standalone --nproc_per_node 2 train.py"
@@ -332,30 +333,36 @@ def test_under_torchrun_nccl_is_bound_to_the_ranks_gpu_with_a_long_timeout(monke
     assert calls["init"]["timeout"] >= datetime.timedelta(minutes=30)  # rank 0 may be writing a 19 GB checkpoint
 
 
-def test_a_one_process_torchrun_run_leaves_no_process_group_behind(data_dir, tmp_path, monkeypatch):
+def test_a_one_process_torchrun_run_leaves_no_process_group_behind_and_says_what_restarts_need(data_dir, tmp_path):
     import torch.distributed as dist
 
-    for key, value in dict(
-        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
-    ).items():
-        monkeypatch.setenv(key, value)
-    train.main(
-        [
-            "--preset",
-            "tiny",
-            "--device",
-            "cpu",
-            "--data-dir",
-            str(data_dir),
-            "--out-dir",
-            str(tmp_path / "out"),
-            "--max-steps",
-            "2",
-            "--sample-interval",
-            "0",
-        ]
-    )
-    assert not dist.is_initialized()
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    args = ["--preset", "tiny", "--device", "cpu", "--data-dir", data_dir, "--max-steps", 2, "--sample-interval", 0]
+    r = ok(cli("train.py", *args, "--out-dir", tmp_path / "out", env=env))
+    assert not dist.is_initialized() and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in r.stdout
+    # torchrun --max-restarts called directly, without what train.sh sets: rank 0 says, once, what to set
+    restarts = dict(env, TORCHELASTIC_MAX_RESTARTS="2", MASTER_PORT=str(free_port()))
+    r = ok(cli("train.py", *args, "--out-dir", tmp_path / "out2", env=restarts))
+    assert r.stdout.count("note: with --max-restarts, set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (train.sh does)") == 1
+    restarts.update(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", MASTER_PORT=str(free_port()))
+    r = ok(cli("train.py", *args, "--out-dir", tmp_path / "out3", env=restarts))
+    assert "note: with --max-restarts" not in r.stdout
+
+
+def test_a_rank_that_fails_alone_at_the_end_stops_every_rank_with_one_line(data_dir, tmp_path):
+    """The export at the end is rank 0's alone: when it fails (here its directory's name was taken by a file during
+    training), every rank ends with the one line, none waits for rank 0 at the last barrier."""
+    target = tmp_path / "hf"
+    args = tiny(data_dir, tmp_path / "run", "--max-steps", 6, "--eval-interval", 0, "--export", target)
+    run = Started(torchrun("train.py", *args))
+    run.wait_for_step(1)
+    target.write_text("not a directory")
+    r = run.finish(timeout=120)
+    assert r.returncode != 0 and "forcefully" not in r.stderr, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all(f"cannot write the export {target}" in e for e in errors), r.stderr[-3000:]
+    assert "rank 0: cannot write the export" in r.stderr  # the other rank names where it came from
+    assert read_jsonl(tmp_path / "run" / "log.jsonl")[-1] == {"event": "finished", "step": 6, "seconds": ANY}
 
 
 def test_mfu_uses_each_cards_own_peak_and_none_for_unknown_cards(monkeypatch):

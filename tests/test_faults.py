@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -195,16 +196,40 @@ def test_a_repeated_stop_signal_is_the_same_stop_and_a_later_one_ends_the_run_at
     assert r.stdout == f"stopping {int(signal.SIGTERM)}\n" and r.returncode == -signal.SIGINT, (r.stdout, r.stderr)
 
 
-def test_sigterm_under_torchrun_stops_every_rank_after_the_same_step(data_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: the terminal of an SSH session closed
+def test_a_stop_signal_under_torchrun_stops_every_rank_after_the_same_step(data_dir, tmp_path, signum):
     out = tmp_path / "run"
     run = Started(torchrun("train.py", *tiny(data_dir, out, "--max-steps", 10_000, "--checkpoint-interval", 0,
                                              "--eval-interval", 0, "--sample-interval", 0)))  # fmt: skip
     run.wait_for_step(2)
-    run.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+    run.send_signal(signum)  # torchrun passes it on to both ranks
     r = run.finish()
-    last = max(train_losses(out))
-    assert f"stopped by SIGTERM after step {last}" in r.stdout, r.stderr
+    last, name = max(train_losses(out)), signal.Signals(signum).name
+    assert f"stopped by {name} after step {last}" in r.stdout, r.stderr
     assert [p.name for p in out.glob("ckpt_*")] == [f"ckpt_{last + 1:06d}.pt"]
+    assert read_jsonl(out / "log.jsonl")[-1] == dict(event="stopped", step=last + 1, signal=name)
+
+
+def test_a_stop_signal_during_the_final_evaluation_is_answered_within_seconds(data_dir, finished_run, tmp_path):
+    """The evaluation checks for a stop between batches: a run stopped there has no finished record and exits 143;
+    --resume evaluates again and finishes."""
+    from hellaswag import synthetic_examples
+
+    hs = tmp_path / "hs.jsonl"
+    hs.write_text("".join(json.dumps(ex) + "\n" for ex in synthetic_examples(3000)))  # half a minute to evaluate
+    out = copy_run(finished_run, tmp_path / "run", checkpoints=(15,))
+    args = tiny(data_dir, out, "--resume", "--hellaswag-interval", 100, "--hellaswag-file", hs)  # only the final one
+    run = start_script("train.py", *args)
+    run.wait_for_step(19)  # the last step: the final evaluation comes next
+    t0 = time.time()
+    run.send_signal(signal.SIGTERM)
+    r = run.finish()
+    assert r.returncode == 143 and time.time() - t0 < 10, (r.returncode, r.stderr[-2000:])
+    assert read_jsonl(out / "log.jsonl")[-1] == dict(event="stopped", step=20, signal="SIGTERM")
+    assert "finished 20 steps" not in r.stdout
+    r = ok(cli("train.py", *args, "--hellaswag-limit", 40))
+    assert "finished 20 steps" in r.stdout
+    assert read_log(out / "log.jsonl")[-1]["hellaswag_examples"] == 40
 
 
 def test_bad_training_flags_are_one_line_errors(data_dir, tmp_path):
@@ -340,6 +365,7 @@ def test_more_bad_training_settings_are_one_line_errors_before_any_work(data_dir
         (("--val-steps", 0), "--val-steps 0 evaluates nothing"),
         (("--sample-prompt", ""), "--sample-prompt is empty or --num-samples 0"),
         (("--export", tmp_path / "a_file"), f"--export {tmp_path / 'a_file'} is a file"),
+        (("--total-batch", "1e30"), "--total-batch must be at most 2**40, got 1000000000000000019884624838656"),
     ]:
         one_line_error(cli("train.py", *tiny(data_dir, tmp_path / "x", *extra)), message)
         assert not (tmp_path / "x").exists()  # refused before the out dir was made
@@ -380,6 +406,75 @@ def test_only_files_this_program_writes_are_cleaned_up(data_dir, tmp_path):
     assert (shards / "notes.tmp").read_text() == "mine"
 
 
+def test_an_export_that_cannot_be_made_is_refused_before_the_first_step(data_dir, tmp_path):
+    from test_checkpoints import write_nanogpt_checkpoint
+
+    write_nanogpt_checkpoint(tmp_path / "nanogpt", bias=False, compiled=False)
+    args = ["--init-from", tmp_path / "nanogpt", "--export", tmp_path / "hf"]
+    r = cli("train.py", *tiny(data_dir, tmp_path / "run", *args))
+    one_line_error(r, "this model has no biases and transformers' GPT-2 always has them: it cannot be exported")
+    assert "step " not in r.stdout  # not one step was trained for nothing
+    out = tmp_path / "run2"  # the out dir itself: its config.json would stand for its newest checkpoint
+    one_line_error(cli("train.py", *tiny(data_dir, out, "--export", out)), f"--export {out} is the out dir")
+    one_line_error(cli("train.py", *tiny(data_dir, out, "--export", "/proc/x/hf")), "cannot write to --export /proc/x")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "notes.txt").write_text("mine")  # an export replaces its directory whole: not this one
+    r = cli("train.py", *tiny(data_dir, out, "--export", tmp_path / "models"))
+    one_line_error(r, f"--export {tmp_path / 'models'} holds other files than an export (notes.txt)")
+    assert (tmp_path / "models" / "notes.txt").read_text() == "mine"
+
+
+def test_an_export_that_fails_at_the_end_is_one_line_and_the_run_is_recorded_as_finished(
+    data_dir, finished_run, tmp_path, monkeypatch
+):
+    import errno
+
+    import safetensors.torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    out = copy_run(finished_run, tmp_path / "run", checkpoints=(15,))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("an earlier export")
+    r = cli("train.py", *tiny(data_dir, out, "--resume", "--export", tmp_path / "hf"))
+    one_line_error(r, f"cannot write the export {tmp_path / 'hf'}: the disk holding ")
+    assert "nothing of it is left" in r.stderr
+    assert read_jsonl(out / "log.jsonl")[-1]["event"] == "finished" and (out / "ckpt_000020.pt").exists()
+    assert os.listdir(tmp_path / "hf") == ["config.json"] and sorted(os.listdir(tmp_path))[-1] == "run"  # no leftovers
+
+
+def test_a_full_disk_stops_the_run_with_a_checkpoint_and_one_line_and_a_plot_that_fails_is_a_warning(
+    data_dir, tmp_path, monkeypatch
+):
+    import errno
+
+    import misc.plot_log
+
+    real_append, real_plot = misc.plot_log.append_jsonl, misc.plot_log.plot_log
+
+    def append_until_full(path, record):
+        if record.get("step", 0) >= 7:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_append(path, record)
+
+    def no_room_for_the_plot(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(misc.plot_log, "plot_log", no_room_for_the_plot)
+    r = ok(cli("train.py", *tiny(data_dir, tmp_path / "plotless", "--max-steps", 2, "--eval-interval", 1)))
+    assert r.stderr.count("warning: cannot draw") == 3 and "finished 2 steps" in r.stdout
+    monkeypatch.setattr(misc.plot_log, "plot_log", real_plot)
+    monkeypatch.setattr(misc.plot_log, "append_jsonl", append_until_full)
+    out = tmp_path / "full"
+    r = cli("train.py", *tiny(data_dir, out, "--checkpoint-interval", 0))
+    one_line_error(r, f"cannot write {out / 'log.jsonl'}: the disk holding {out} is full (")
+    assert f"stopped at step 8, the newest checkpoint is {out / 'ckpt_000008.pt'}: make room, then --resume" in r.stderr
+    monkeypatch.setattr(misc.plot_log, "append_jsonl", real_append)
+    ok(cli("train.py", *tiny(data_dir, out, "--resume")))  # room again: it goes on
+
+
 def test_export_is_checked_first_and_a_finished_run_can_still_export(data_dir, finished_run, tmp_path):
     out = copy_run(finished_run, tmp_path / "run", checkpoints=(20,))
     r = ok(cli("train.py", *tiny(data_dir, out, "--resume", "--export", tmp_path / "hf")))
@@ -408,7 +503,7 @@ def test_training_on_an_unfinished_download_warns(data_dir, tmp_path):
     shards = [dict(file=n, split=n.split("_")[1], tokens=len(np.load(partial / n))) for n in names]
     (partial / "manifest.json").write_text(json.dumps(dict(source={}, shards=shards, complete=False)))
     r = ok(cli("train.py", *tiny(partial, tmp_path / "out", "--max-steps", 1)))
-    assert "manifest.json says the download is not complete" in r.stdout
+    assert "manifest.json says the download is not complete" in r.stderr
 
 
 def test_downloader_refuses_a_gap_a_bad_prefix_and_a_damaged_shard_list(tmp_path):

@@ -118,15 +118,16 @@ def wandb_runs(out_dir):
 
 def test_wandb_gets_the_config_every_step_evaluations_and_samples_and_a_resume_continues_its_run(data_dir, tmp_path):
     out = tmp_path / "run"
-    env = dict(one_thread_env(), WANDB_MODE="offline")
+    env = dict(one_thread_env(), WANDB_MODE="offline", WANDB_DIR=str(tmp_path / "wandb-files"))  # where the user says
     args = ["--wandb-project", "gpt2-tests", "--wandb-run-name", "tiny", "--eval-interval", 2, "--sample-interval", 2]
     r = run_script("train.py", *tiny(data_dir, out, *args, "--max-steps", 4), env=env)
     assert r.returncode == 0, r.stderr
     r = run_script("train.py", *tiny(data_dir, out, *args, "--max-steps", 6, "--resume"), env=env)
     assert r.returncode == 0, r.stderr
     assert not wandb_services()  # the service wandb started ended with the run
+    assert not (out / "wandb").exists()
 
-    first, second = (wandb_records(d) for d in wandb_runs(out))
+    first, second = (wandb_records(d) for d in wandb_runs(tmp_path / "wandb-files"))
     runs = [next(rec["run"] for rec in records if rec["type"] == "run") for records in (first, second)]
     assert runs[0]["run_id"] == runs[1]["run_id"] and runs[0]["display_name"] == "tiny"  # one run, continued
     config = runs[0]["config"]["update"]
@@ -144,7 +145,7 @@ def test_wandb_gets_the_config_every_step_evaluations_and_samples_and_a_resume_c
             if key in rec:
                 assert history[step][key] == rec[key], (step, key)
     assert "val_loss" in history[6] and history[4]["samples.nrows"] == 2  # evaluations; samples as a table
-    table = json.loads((wandb_runs(out)[1] / "files" / history[6]["samples.path"]).read_text())
+    table = json.loads((wandb_runs(tmp_path / "wandb-files")[1] / "files" / history[6]["samples.path"]).read_text())
     assert [row[1] for row in table["data"]] == logged[6]["samples"]
 
 
@@ -155,3 +156,38 @@ def test_wandb_not_installed_is_one_line_that_says_how_to_install_it(data_dir, t
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
     r = run_script("train.py", *tiny(data_dir, tmp_path / "run", "--wandb-project", "p", "--max-steps", 1), env=env)
     one_line_error(r, "--wandb-project needs the wandb package (No module named 'wandb'): pip install wandb")
+
+
+def test_wandb_with_no_login_or_no_network_is_one_line_before_the_first_step(data_dir, tmp_path):
+    """Not wandb's traceback at once, nor its minute and a half of retries: what to do, in one line, quickly."""
+    from conftest import free_port
+
+    home = tmp_path / "home"  # no ~/.netrc, no wandb settings
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(home), WANDB_MODE="online", WANDB_CONFIG_DIR=str(home / ".config" / "wandb"))
+    args = tiny(data_dir, tmp_path / "run", "--wandb-project", "p", "--max-steps", 1)
+    r = run_script("train.py", *args, env=env)
+    one_line_error(r, "--wandb-project: no Weights & Biases login here: run `wandb login`, set WANDB_API_KEY, or log")
+    t0 = time.time()
+    env.update(WANDB_API_KEY="x" * 40, WANDB_BASE_URL=f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    r = run_script("train.py", *args, env=env)
+    one_line_error(r, "--wandb-project: cannot start a Weights & Biases run (cannot reach http://127.0.0.1:")
+    assert "WANDB_MODE=offline" in r.stderr and time.time() - t0 < 30 and "step " not in r.stdout
+
+
+def test_a_checkpoint_whose_shape_cannot_be_read_is_one_line(data_dir, finished_run, tmp_path):
+    from test_checkpoints import SHAPE
+
+    ckpt = torch.load(finished_run / "ckpt_000020.pt", weights_only=True)
+    ckpt["model_config"]["dropout"] = 0.1  # a key this GPT does not know
+    torch.save(ckpt, tmp_path / "extra.pt")
+    write_nanogpt_checkpoint(tmp_path / "nanogpt", bias=True, compiled=False)
+    nanogpt = torch.load(tmp_path / "nanogpt" / "ckpt.pt", weights_only=False)
+    del nanogpt["model_args"]["n_head"]
+    torch.save(nanogpt, tmp_path / "nanogpt" / "ckpt.pt")
+    for spec, what in [(tmp_path / "extra.pt", "TypeError"), (tmp_path / "nanogpt", "KeyError: 'n_head'")]:
+        r = cli("train.py", *tiny(data_dir, tmp_path / "run", "--init-from", spec))
+        one_line_error(r, f"its model shape cannot be read ({what}")
+        one_line_error(cli("sample.py", "--model", spec), "its model shape cannot be read")
+    assert SHAPE["n_head"] == 4

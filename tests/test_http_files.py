@@ -3,6 +3,7 @@ request through one redirect, the token stays on the hub, an expired link is res
 alive and several requests are in flight, a stalled or silent server is retried, a stop ends every wait at once."""
 
 import os
+import re
 import threading
 import time
 
@@ -194,3 +195,60 @@ def test_a_commit_id_that_is_not_one_is_refused_at_once(server, tmp_path):
     assert r.stderr.strip().splitlines()[-1] == (
         "error: hf://datasets/test-org/bad@main: the hub answered '0123\\r\\nX-Injected: 1', not a commit id"
     )
+
+
+def test_a_file_replaced_between_two_range_requests_is_refused_naming_it(server):
+    """Every answer must come from the version the first one did: the shards never mix two versions of a file."""
+    folder = os.path.join(server.root, "replaced")
+    os.makedirs(folder, exist_ok=True)
+    path, data = os.path.join(folder, "f.bin"), os.urandom(2_000_000)
+    with open(path, "wb") as f:
+        f.write(data)
+    url = f"{server.url}/files/replaced/f.bin"
+    with HTTPClient(Retry(wait=0.01)) as client:
+        f = HTTPFile(url, client)
+        assert f.read(10) == data[:10]
+        with open(path, "wb") as out:  # another version, the same size: its ETag and Last-Modified change
+            out.write(os.urandom(len(data)))
+        os.utime(path, (time.time() + 5, time.time() + 5))
+        f.seek(1_000_000)
+        with pytest.raises(UserError, match=f"{url} changed while it was read \\(etag .* would mix two versions"):
+            f.read(100)
+
+
+def test_a_request_that_left_with_an_expired_link_asks_the_hub_again_after_another_did(server):
+    """With several requests in flight, one may get 403 for a signed link that another thread has already replaced:
+    it asks the hub too, rather than failing for good; a link refused even then says so."""
+    name = server.files[1]
+    data = local_bytes(server, name)
+    with HTTPClient(Retry(wait=30)) as client:
+        f = HTTPFile(resolve_url(server, name), client)
+        assert f.read(10) == data[:10]
+        server.expire_links()
+        fresh = re.sub(r"sig=\d+", f"sig={server.link_generation}", f.location)  # what the hub hands out now
+
+        def another_thread_resolved_it(request):  # while this request is on its way with the old link
+            if request.host == "cdn" and request.range == "bytes=5000-5009":
+                f.location = fresh
+
+        server.on_request.append(another_thread_resolved_it)
+        f.seek(5000)
+        assert f.read(10) == data[5000:5010]
+    server.reset()
+    server.fault(f"/files/hub/test-org/edu/sample/tiny/{name}", status=403, count=100)
+    with HTTPClient(Retry(wait=30)) as client, pytest.raises(UserError, match="also when asked again"):
+        HTTPFile(resolve_url(server, name), client).read(1)
+
+
+def test_a_server_that_refuses_suffix_ranges_or_answers_another_range_is_read_right_or_refused(server):
+    name = server.files[2]
+    data = local_bytes(server, name)
+    server.suffix_ranges = False  # bytes=-N answered 416 with the size: asked again as an explicit range
+    with HTTPClient(Retry(wait=0.01)) as client:
+        f = HTTPFile(f"{server.url}/files/corpus/{name}", client)
+        assert f.size == len(data) and f.read() == data
+        server.suffix_ranges, server.shifted_ranges = True, True  # 206 for bytes the request did not ask for
+        f = HTTPFile(f"{server.url}/files/corpus/{name}", client)
+        f.seek(5000)
+        with pytest.raises(UserError, match="asked for bytes 5000-5009, the server answered 'bytes 4000-5009/"):
+            f.read(10)

@@ -161,7 +161,7 @@ def test_train_sh_under_slurm_finds_the_nodes_itself_and_passes_max_restarts(tmp
         r = subprocess.run([os.path.join(ROOT, "train.sh"), "--preset", "gpt2-124m"], capture_output=True, text=True,
                            env=dict(env, **extra))  # fmt: skip
         assert r.returncode == 0, r.stderr
-        return r.stdout.strip()
+        return r.stdout.strip().replace(f"{ROOT}/train.py", "train.py")  # the repo's train.py, by its full path
 
     rdzv = "--rdzv-backend c10d --rdzv-endpoint gpu-07:29500 --rdzv-id 4242"
     assert command() == f"torchrun --nnodes 2 --nproc_per_node 8 {rdzv} train.py --preset gpt2-124m"

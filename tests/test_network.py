@@ -169,20 +169,23 @@ def hub(server, monkeypatch):
 
 def test_the_default_source_lists_the_configs_parquet_files_through_huggingface_hub(hub, local_reference, tmp_path):
     server = hub
-    server.fault(r"^/api/datasets/test-org/edu/tree/", status=503)  # the listing is retried too
+    server.fault(r"^/api/datasets/HuggingFaceFW/fineweb-edu/tree/", status=503)  # the listing is retried too
     out = tmp_path / "out"
-    args = ["--dataset", "test-org/edu", "--name", "sample-tiny", "--out-dir", out, "--retry-wait", 0.01]
+    args = ["--out-dir", out, "--retry-wait", 0.01]  # FineWeb-Edu's sample-10BT: no --dataset, no --name
     r = run(*args)
     assert r.returncode == 0, r.stderr
-    assert shards(out) == shards(local_reference)
+    renamed = {name.replace("shard_", "edufineweb_"): data for name, data in shards(local_reference).items()}
+    assert shards(out) == renamed  # the same shards, named as FineWeb-Edu's always were
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["files"] == [f"hf://datasets/test-org/edu@{SHA}/sample/tiny/{name}" for name in server.files]
+    where = f"HuggingFaceFW/fineweb-edu@{SHA}/sample/10BT"
+    assert manifest["files"] == [f"hf://datasets/{where}/{name}" for name in server.files]
     assert manifest["source"]["revision"] == "main"
     # the token goes to the hub's API and resolve URLs, never to where the files are redirected
-    hub = [r for r in server.requests if r.host == "hub" and "/test-org/edu/" in r.path]
+    hub = [r for r in server.requests if r.host == "hub" and "/HuggingFaceFW/fineweb-edu/" in r.path]
     assert hub and all(r.authorization == "Bearer hf_loopbacktoken" for r in hub), hub
     cdn = [r for r in server.requests if r.host == "cdn"]
-    assert all(r.authorization is None and r.path.startswith("/files/hub/test-org/edu/sample/tiny/") for r in cdn)
+    files = "/files/hub/HuggingFaceFW/fineweb-edu/sample/10BT/"
+    assert all(r.authorization is None and r.path.startswith(files) for r in cdn)
     assert len(cdn) > len(server.files)
 
     # a resume takes the file list from the manifest: the hub is not listed again
@@ -192,7 +195,7 @@ def test_the_default_source_lists_the_configs_parquet_files_through_huggingface_
     server.reset_counts()
     r = run(*args)
     assert r.returncode == 0, r.stderr
-    assert shards(out) == shards(local_reference)
+    assert shards(out) == renamed
     assert not any(r.path.startswith("/api/datasets/") for r in server.requests)
 
 
@@ -221,11 +224,20 @@ def test_jsonl_gz_over_http_equals_the_local_file(server, tmp_path):
         for text in server.texts[:500]:
             f.write(json.dumps(dict(text=text)) + "\n")
     assert run("--data-files", path, "--out-dir", tmp_path / "local").returncode == 0
+    open(os.path.join(server.root, "corpus-jsonl", "empty.jsonl"), "w").close()  # an empty file adds nothing
     server.fault(r"docs.jsonl.gz", count=1)
-    r = run("--data-files", f"{server.url}/files/corpus-jsonl/docs.jsonl.gz", "--out-dir", tmp_path / "http",
-            "--retry-wait", 0.01)  # fmt: skip
+    empty, docs = (f"{server.url}/files/corpus-jsonl/{name}" for name in ("empty.jsonl", "docs.jsonl.gz"))
+    r = run("--data-files", empty, docs, "--out-dir", tmp_path / "http", "--retry-wait", 0.01)
     assert r.returncode == 0, r.stderr
     assert shards(tmp_path / "http") == shards(tmp_path / "local")
+    assert f"warning: {empty} is empty: no documents from it" in r.stderr
+
+
+def test_a_password_in_a_url_is_refused_and_never_printed(tmp_path):
+    r = run("--data-files", "http://alice:s3cret@127.0.0.1:9/f.jsonl", "--out-dir", tmp_path / "out")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: --data-files http://alice:***@127.0.0.1:9/f.jsonl: a password in a URL")
+    assert "s3cret" not in r.stdout + r.stderr and not (tmp_path / "out").exists()
 
 
 def test_tokenizer_workers_are_not_forked_from_the_downloading_process():

@@ -293,7 +293,7 @@ def fake_nvidia_smi(tmp_path):
 
 def train_sh(env, *args):
     r = subprocess.run([os.path.join(ROOT, "train.sh"), *args], capture_output=True, text=True, env=env)
-    return r.returncode, r.stdout.strip(), r.stderr.strip()
+    return r.returncode, r.stdout.strip().replace(f"{ROOT}/train.py", "train.py"), r.stderr.strip()
 
 
 def test_train_sh_command_lines(fake_nvidia_smi, monkeypatch):
@@ -314,6 +314,15 @@ def test_train_sh_command_lines(fake_nvidia_smi, monkeypatch):
     assert rc != 0 and "set MASTER_ADDR" in err
     rc, _, err = train_sh(dict(env, NODE_RANK="2"))
     assert rc != 0 and "NODE_RANK=2 must be below NNODES=2" in err
+
+
+def test_train_sh_called_from_another_directory_reads_relative_paths_there(data_dir, fake_nvidia_smi, tmp_path):
+    (tmp_path / "data").symlink_to(data_dir)
+    env = {**fake_nvidia_smi(0), "TRAIN_SH_DRY_RUN": ""}  # no GPU: python train.py, run for real
+    args = tiny("data", "run", "--max-steps", 1, "--eval-interval", 0, "--sample-interval", 0)
+    r = subprocess.run([os.path.join(ROOT, "train.sh"), *args], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "run" / "log.jsonl").exists() and not os.path.exists(os.path.join(ROOT, "run"))
 
 
 def test_compiled_training_evaluates_samples_and_saves_plain_weights(data_dir, finished_run, tmp_path):
