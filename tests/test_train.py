@@ -150,6 +150,30 @@ def test_a_shuffled_run_resumes_its_document_order_exactly(data_dir, finished_ru
     assert train_losses(tmp_path / "resumed") == {step: straight[step] for step in range(5, 10)}
 
 
+def test_a_resume_puts_every_random_generator_where_the_checkpoint_left_it(data_dir, finished_run):
+    """Nothing in the tiny run draws from them (no dropout; samples have their own generators), so the losses cannot
+    show it: a dropout or any random choice added to the step must draw after a resume what it drew before."""
+    import random
+
+    import numpy as np
+
+    from checkpoint import Start, restore, set_rng_states
+    from model import GPT, GPTConfig
+    from utils import ShardedDataLoader
+
+    path = str(finished_run / "ckpt_000015.pt")
+    checkpoint = load_checkpoint(path)
+    model = GPT(GPTConfig(**checkpoint["model_config"]))
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    loader = ShardedDataLoader(data_dir, "train", 4, 32, seed=train.TrainConfig.seed)
+    draws = lambda: (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)  # this process's generators, elsewhere
+    restore(Start(path=path, checkpoint=checkpoint), model, optimizer, loader, "cpu")
+    after_resume = draws()
+    set_rng_states(checkpoint["rng"], "cpu")
+    assert draws() == after_resume and loader.position == checkpoint["train_loader"]["position"] > 0
+
+
 def test_refuses_to_overwrite_a_run_and_resumes_past_a_damaged_checkpoint(data_dir, finished_run, tmp_path):
     out = copy_run(finished_run, tmp_path / "run", checkpoints=(15, 20))
     r = cli("train.py", *tiny(data_dir, out))
