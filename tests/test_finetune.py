@@ -149,6 +149,23 @@ def test_wandb_gets_the_config_every_step_evaluations_and_samples_and_a_resume_c
     assert [row[1] for row in table["data"]] == logged[6]["samples"]
 
 
+def test_wandb_failing_during_a_run_is_a_warning_and_log_jsonl_goes_on(tmp_path, capsys):
+    from checkpoint import Start
+    from misc.plot_log import RunLog
+
+    class GoneForGood:  # a wandb run whose network went away after the start
+        def log(self, metrics, step):
+            raise ConnectionError("wandb.ai: connection refused")
+
+    run_log = RunLog(str(tmp_path), Start())
+    run_log.wandb_run = GoneForGood()
+    for step in range(3):
+        run_log.write(dict(step=step, train_loss=1.0))
+    assert [r["step"] for r in read_log(tmp_path / "log.jsonl")] == [0, 1, 2] and run_log.failed is None
+    warning = "warning: Weights & Biases stopped taking records (wandb.ai: connection refused); log.jsonl goes on"
+    assert capsys.readouterr().err.splitlines() == [warning]  # once, and the records went on without it
+
+
 def test_wandb_not_installed_is_one_line_that_says_how_to_install_it(data_dir, tmp_path):
     fake = tmp_path / "site" / "wandb"
     fake.mkdir(parents=True)
