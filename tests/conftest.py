@@ -465,9 +465,16 @@ def wait_gone(pids, timeout):
 @pytest.fixture(scope="session", autouse=True)
 def no_process_left_behind():
     """The suite leaves no process of its own behind: at its end no process names this repo or runs multiprocessing in
-    this session, but for this process's own fork server and resource tracker, which end with it."""
+    this session, but for this process's own fork server and resource tracker, which end with it, and the processes
+    of another pytest running beside this one (another checkout's suite, started from the same shell)."""
     yield
     me, my_session = os.getpid(), os.getsid(0)
+
+    def cmdline_of(pid):
+        try:
+            return open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
+        except OSError:
+            return None
 
     def left():
         table = process_table()
@@ -475,15 +482,23 @@ def no_process_left_behind():
         while p in table and p not in ancestors:
             ancestors.add(p)
             p = table[p][0]
+
+        def under_another_pytest(pid):  # a process we leave behind is ours or init's child, never another pytest's
+            seen = set()
+            while (pid := table.get(pid, (0,))[0]) > 1 and pid not in seen and pid not in ancestors:
+                seen.add(pid)
+                argv = (cmdline_of(pid) or "").split()
+                if any(os.path.basename(a) in ("pytest", "py.test") for a in argv[:3]):  # pytest, or python -m pytest
+                    return True
+            return False
+
         found = []
         for pid, (parent, session) in table.items():
-            try:
-                cmdline = open(f"/proc/{pid}/cmdline").read().replace("\0", " ")
-            except OSError:
+            if (cmdline := cmdline_of(pid)) is None:
                 continue
             own_helper = parent == me and ("multiprocessing.forkserver" in cmdline or "resource_tracker" in cmdline)
             ours = ROOT in cmdline or (session == my_session and "multiprocessing" in cmdline)
-            if ours and pid not in ancestors and not own_helper:
+            if ours and pid not in ancestors and not own_helper and not under_another_pytest(pid):
                 found.append((pid, cmdline[:120]))
         return found
 

@@ -301,6 +301,23 @@ def test_the_plot_draws_hellaswag_only_when_evaluated_and_gpt2s_val_loss_only_on
         assert png_width(tmp_path / "p.png") == width and lines == labels
 
 
+def test_the_report_gives_the_median_speed_and_mfu_of_a_run_on_a_known_gpu(tmp_path):
+    from misc.plot_log import write_report
+
+    config = dict(event="config", preset="gpt2", data_dir="edu_fineweb10B", max_steps=4, total_batch=524288,
+                  world_size=8, device_name="NVIDIA H100 80GB HBM3", torch="2.13.0")  # fmt: skip
+    speeds = [(1.0e6, 0.40), (1.2e6, 0.48), (1.1e6, 0.44), (0.9e6, 0.36)]
+    steps = [dict(step=s, train_loss=3.0, dt_ms=400.0, tokens_per_sec=t, mfu=m) for s, (t, m) in enumerate(speeds)]
+    records = [config, *steps, dict(step=4, val_loss=3.1), dict(event="finished", step=4, seconds=3725)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_report(tmp_path / "log.jsonl", tmp_path / "report.md")
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# gpt2: 2.1M tokens of edu_fineweb10B\n")
+    assert "| machine | 8 x NVIDIA H100 80GB HBM3, torch 2.13.0 |" in report
+    assert "| speed | 1,100,000 tokens/s (median step), 44.0% MFU |" in report
+    assert "| final val loss | 3.1000 |" in report and "HellaSwag" not in report
+
+
 @pytest.fixture
 def fake_nvidia_smi(tmp_path):
     def make(n_gpus):
@@ -367,6 +384,11 @@ def test_hellaswag_runs_inside_training_or_is_skipped_with_one_warning(data_dir,
     evals = [r for r in read_log(tmp_path / "with" / "log.jsonl") if "hellaswag_acc_norm" in r]
     assert [r["step"] for r in evals] == [0, 2, 4] and all(r["hellaswag_examples"] == 12 for r in evals)
     assert all(0 <= r["hellaswag_acc_norm"] <= 1 for r in evals)
+    last = [100 * evals[-1][f"hellaswag_{k}"] for k in ("acc", "acc_norm", "harness_acc", "harness_acc_norm")]
+    report = (tmp_path / "with" / "report.md").read_text()
+    assert "HellaSwag (12 examples), acc / acc_norm in percent:" in report
+    assert "| this run | {:.2f} / {:.2f} | {:.2f} / {:.2f} |".format(*last) in report
+    assert "| GPT-2 124M (published) | 28.59 / 29.55 | 28.92 / 31.14 |" in report
     r = ok(cli("train.py", *tiny(data_dir, tmp_path / "without", *args, "--hellaswag-file", tmp_path / "none.jsonl")))
     assert r.stderr.count("warning: HellaSwag is skipped") == 1
     assert not any("hellaswag_acc_norm" in rec for rec in read_log(tmp_path / "without" / "log.jsonl"))
