@@ -43,7 +43,7 @@ from utils import (
     pick_device,
     run_cli,
 )
-from weights import SHAPE_FLAGS, check_export, export_model, load_model, pretrained_for_run
+from weights import SHAPE_FLAGS, check_export, export_model, model_from_checkpoint, pretrained_for_run
 
 
 @dataclass
@@ -225,8 +225,7 @@ def main(argv=None):
         start = checkpoint.find_start_on_every_rank(config, master_process, device)
         run_log = RunLog(config.out_dir, start, stop)  # log.jsonl, and wandb with --wandb-project (on rank 0)
         if start.finished:  # started again after the last step: nothing to train, perhaps something to --export
-            fail_together(lambda: finish(run_log, config, start, lambda: load_model(start.path)) if master_process
-                          else None)  # fmt: skip
+            fail_together(lambda: finish(run_log, config, start) if master_process else None)
             return teardown(ddp)
 
         # the model: a new GPT-2 of the flags' shape, or pretrained weights to fine-tune (--init-from); a resume
@@ -326,7 +325,7 @@ def main(argv=None):
 
         # rank 0's last words (the run's last record, report.md, the export): an error there is every rank's
         seconds = time.time() - t_run
-        fail_together(lambda: finish(run_log, config, start, lambda: raw_model, seconds, signum, resume_step)
+        fail_together(lambda: finish(run_log, config, start, raw_model, seconds, signum, resume_step)
                       if master_process else None)  # fmt: skip
     teardown(ddp)
     if master_process and run_log.failed:  # the log could not be written: the run stopped with a checkpoint
@@ -416,12 +415,14 @@ def open_loaders(config, ddp_rank, ddp_world_size, master_process):
     return train_loader, val_loader
 
 
-def finish(run_log, config, start, model, seconds=0.0, signum=0, resume_step=None):
+def finish(run_log, config, start, model=None, seconds=0.0, signum=0, resume_step=None):
     """Rank 0's last words: the run's last record (stopped, or finished with report.md and what to run next), then
-    --export of the model (model() builds it) for a finished run."""
+    --export of the model (a finished run started again: its checkpoint's) for a finished run."""
     run_log.end(config, start, seconds, signum, resume_step)
     if config.export and not signum and not run_log.failed:
-        export_model(model(), config.export, start.path if start.finished else "the model")
+        model = model if model is not None else model_from_checkpoint(start.checkpoint, start.path)
+        check_export(config, model.config)  # again: the directory may have changed since the first step, if any ran
+        export_model(model, config.export, start.path if start.finished else "the model")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -436,8 +437,7 @@ PEAK_BF16_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100 80GB HBM3
 
 def peak_flops(device):
     """The GPU's dense bf16 peak (FLOP/s) for MFU, or None on a CPU or a card not in PEAK_BF16_FLOPS."""
-    name = torch.cuda.get_device_name(device) if is_cuda(device) else "a CPU"
-    return next((flops for gpu, flops in PEAK_BF16_FLOPS if gpu in name), None)
+    return next((flops for gpu, flops in PEAK_BF16_FLOPS if gpu in device_name(device)), None)
 
 
 def mfu(model, seq_len, tokens_per_sec, device):

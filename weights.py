@@ -137,21 +137,27 @@ def pretrained_for_run(config):
 
 
 def check_export(config, model_config):
-    """--export, checked before the first step rather than after hours of training: the model can be exported, and
-    the directory written, and it is not the out dir, where its config.json would stand for the newest checkpoint."""
+    """--export, checked before the first step rather than after hours of training, and again before it is written:
+    not the out dir, where its config.json would stand for the newest checkpoint, and what export_model needs."""
     if not config.export:
         return
     if os.path.abspath(config.export) == os.path.abspath(config.out_dir):
         raise UserError(f"--export {config.export} is the out dir: an out dir stands for its newest checkpoint; export "
                         f"beside it, to {os.path.join(config.out_dir, 'hf')} say")  # fmt: skip
+    check_exportable(model_config, config.export)
+
+
+def check_exportable(model_config, export_dir):
+    """What an export needs, checked before anything is written: a model with biases, and a directory that is new or
+    holds an earlier export only (an export replaces its directory whole, and nothing else may go with it)."""
     if not model_config.bias:
         raise UserError("this model has no biases and transformers' GPT-2 always has them: it cannot be exported; "
                         "leave --export out")  # fmt: skip
-    others = sorted(set(os.listdir(config.export)) - EXPORT_FILES) if os.path.isdir(config.export) else []
-    if others:  # an export replaces its directory whole: only an earlier export may stand there
-        raise UserError(f"--export {config.export} holds other files than an export ({', '.join(others[:3])}): "
+    others = sorted(set(os.listdir(export_dir)) - EXPORT_FILES) if os.path.isdir(export_dir) else []
+    if others:
+        raise UserError(f"--export {export_dir} holds other files than an export ({', '.join(others[:3])}): "
                         "choose a new directory")  # fmt: skip
-    check_out_dir(config.export, "--export")
+    check_out_dir(export_dir, "--export")
 
 
 EXPORT_FILES = {"config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json"}
@@ -164,8 +170,7 @@ def export_model(model, out_dir, what="the model"):
     from safetensors.torch import save_file
 
     c = model.config
-    if not c.bias:
-        raise UserError("transformers' GPT-2 always has biases: a model trained without them cannot be exported")
+    check_exportable(c, out_dir)
     vocab_size = min(c.vocab_size, GPT2_VOCAB_SIZE)
     hf_config = dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", vocab_size=vocab_size,
                      n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,

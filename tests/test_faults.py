@@ -477,6 +477,15 @@ def test_a_full_disk_stops_the_run_with_a_checkpoint_and_one_line_and_a_plot_tha
 
 def test_export_is_checked_first_and_a_finished_run_can_still_export(data_dir, finished_run, tmp_path):
     out = copy_run(finished_run, tmp_path / "run", checkpoints=(20,))
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    # a finished run started again checks --export as a new one does: an export replaces its directory whole
+    one_line_error(cli("train.py", *tiny(data_dir, out, "--resume", "--export", out)), f"--export {out} is the out dir")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "notes.txt").write_text("mine")
+    r = cli("train.py", *tiny(data_dir, out, "--resume", "--export", tmp_path / "models"))
+    one_line_error(r, f"--export {tmp_path / 'models'} holds other files than an export (notes.txt)")
+    assert {name: (out / name).read_bytes() for name in before} == before  # the run is untouched
+    assert os.listdir(tmp_path / "models") == ["notes.txt"]
     r = ok(cli("train.py", *tiny(data_dir, out, "--resume", "--export", tmp_path / "hf")))
     assert "is finished" in r.stdout
     assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "model.safetensors").exists()
