@@ -17,6 +17,7 @@ import json
 import os
 import random
 import re
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from checkpoint import atomic_write, check_output_path, write_json
+from checkpoint import atomic_write, check_output_path, when_gone, write_json
 from http_files import HTTPClient, HTTPFile, Retry
 from model import GPT2_VOCAB_SIZE
 from utils import (
@@ -299,10 +300,14 @@ def main(argv=None):
         if is_cuda(device):
             device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if is_cuda(device) else "gloo")
+        when_gone(os.getppid(), lambda: os.kill(os.getpid(), signal.SIGTERM))  # torchrun killed: end, not score on
+        dist.init_process_group(backend="nccl" if is_cuda(device) else "gloo",
+                                device_id=torch.device(device) if is_cuda(device) else None)  # fmt: skip
     data_file = args.data_file or download(args.cache_dir)
     examples = load_examples(data_file, args.limit)
     model = load_model(args.model, device)
+    if ddp_rank == 0:
+        print(f"scoring {len(examples):,} examples on {ddp_world_size} x {device}", flush=True)
     t0 = time.time()
     results = evaluate(model, examples, device, args.batch_size, ddp_rank, ddp_world_size)
     results.update(
@@ -318,6 +323,7 @@ def main(argv=None):
         if args.out:
             write_json(args.out, results)
     if ddp_world_size > 1:
+        dist.barrier()  # rank 0 has written its results: a rank that left before would abort it
         dist.destroy_process_group()
 
 

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import hellaswag
-from conftest import cli, ok, torchrun
+from conftest import Started, cli, ok, process_table, torchrun, wait_gone
 from hellaswag import synthetic_examples
 from utils import UserError, get_tokenizer
 from weights import load_model
@@ -149,6 +150,19 @@ def test_two_processes_equal_one(tiny_checkpoint, data_file, tmp_path):
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert b["world_size"] == 2 and a["examples"] == b["examples"] == 31
     assert all(a[k] == b[k] for k in ("acc", "acc_norm", "harness_acc", "harness_acc_norm"))
+
+
+def test_ranks_whose_torchrun_is_killed_stop_at_once_instead_of_scoring_on(tiny_checkpoint, tmp_path):
+    path = tmp_path / "many.jsonl"  # a minute and a half of scoring for two 2-core CPU processes
+    path.write_text("".join(json.dumps(ex) + "\n" for ex in synthetic_examples(10_000)))
+    args = ["--model", tiny_checkpoint(), "--data-file", path, "--device", "cpu", "--out", tmp_path / "r.json"]
+    run = Started(torchrun("hellaswag.py", *args), start_new_session=True)
+    run.wait_for(r"^scoring 10,000 examples on 2 x cpu")
+    ranks = [pid for pid, (parent, _) in process_table().items() if parent == run.pid]
+    assert len(ranks) == 2
+    os.kill(run.pid, signal.SIGKILL)  # the launcher only
+    assert not wait_gone(ranks, timeout=20), "ranks still scoring 20 s after torchrun was killed"
+    assert run.finish().returncode == -signal.SIGKILL and not (tmp_path / "r.json").exists()
 
 
 def test_bad_data_files_name_line_and_field(tmp_path):
