@@ -281,7 +281,7 @@ def main(argv=None):
                 results = hellaswag.evaluate(raw_model, hellaswag_examples, device, hellaswag.Config.batch_size,
                                              ddp_rank, ddp_world_size, stop.arrived)  # fmt: skip
                 record.update({f"hellaswag_{k}": v for k, v in results.items()})
-            signum = stop.requested(device)  # the same on every rank (a one-number all-reduce): all stop together
+            signum = stop.requested(device) if len(record) > 1 else 0  # after an evaluation, all ranks stop or none
             if signum:
                 if not last_step:  # after the last step, its checkpoint is there already
                     save(step)
